@@ -1,0 +1,262 @@
+"""Fine-tune (train) or evaluate a style-conditioned OFA captioning model. One JSON conf drives both.
+
+    python3 finetune.py train --conf conf_examples/demo.json [-p CKPT|latest] [-e N] [-b N] [-w N] ...
+    python3 finetune.py eval  --conf conf_examples/demo.json [-p CKPT] [-b N] [-l metrics.csv]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from utils.conf import Conf, ConfError, apply_overrides, read_conf, validate
+from utils.data import DataError
+from utils.styles import UnknownStyleError
+
+logger = logging.getLogger('finetune')
+EXIT_USAGE = 2
+OUTPUT_DIR = 'output'
+CKPT_NAME = re.compile(r'^(iter|epoch)_(\d+)\.pth$')
+
+
+# ---------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags override the conf key of the same name; their defaults live in utils/conf.py only."""
+    parser = argparse.ArgumentParser(prog='finetune.py', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    modes = parser.add_subparsers(dest='mode', required=True, metavar='{train,eval}')
+    train = modes.add_parser('train', help='fine-tune with ModelScope\'s OFATrainer')
+    evaluate = modes.add_parser('eval', help='caption the test split and score it')
+    for p in (train, evaluate):
+        p.add_argument('-c', '--conf', required=True, help='path to the JSON conf')
+        p.add_argument('-p', '--checkpoint', default=None,
+                       help='train: resume from this CheckpointHook checkpoint (work_dir/iter_N or its '
+                            'iter_N.pth), or "latest"; eval: score this checkpoint instead of work_dir/output')
+        p.add_argument('-b', '--batch_size', type=int, help='samples per batch (conf: batch_size)')
+        p.add_argument('-w', '--num_workers', type=int, help='dataloader workers (conf: num_workers)')
+        p.add_argument('--work_dir', help='conf: work_dir')
+        p.add_argument('--patch_image_size', type=int, help='conf: patch_image_size')
+        p.add_argument('--max_image_size', type=int, help='conf: max_image_size')
+        p.add_argument('--strict', action='store_const', const=True,
+                       help='a bad data row stops the run instead of being skipped and counted')
+    train.add_argument('-e', '--max_epoches', '--max_epochs', dest='max_epochs', type=int,
+                       help='epochs to train (conf: max_epochs)')
+    train.add_argument('--lr', type=float, help='peak learning rate (conf: lr)')
+    train.add_argument('--warmup', type=float, help='warm-up fraction of all steps (conf: warmup)')
+    train.add_argument('--weight_decay', type=float, help='conf: weight_decay')
+    train.add_argument('--label_smoothing', type=float, help='conf: label_smoothing')
+    train.add_argument('--seed', type=int, help='conf: seed')
+    train.add_argument('--log_interval', type=int, help='iterations between loss log lines (conf: log_interval)')
+    train.add_argument('--max_train_samples', type=int, help='use only the first N train rows')
+    evaluate.add_argument('--beam_size', type=int, help='conf: beam_size')
+    evaluate.add_argument('--max_len', type=int, help='conf: max_len')
+    evaluate.add_argument('--no_repeat_ngram_size', type=int, help='conf: no_repeat_ngram_size')
+    evaluate.add_argument('-n', '--n_samples', type=int, help='score only the first N test rows')
+    evaluate.add_argument('-l', '--log_csv', help='append one row of metrics to this CSV file')
+    return parser
+
+
+CONF_FLAGS = ('batch_size', 'num_workers', 'work_dir', 'patch_image_size', 'max_image_size', 'strict',
+              'max_epochs', 'lr', 'warmup', 'weight_decay', 'label_smoothing', 'seed', 'log_interval',
+              'max_train_samples', 'beam_size', 'max_len', 'no_repeat_ngram_size')
+
+
+def load_conf(args) -> Conf:
+    """conf file -> CLI overrides -> demo assets (when asked for) -> validation. Writes nothing else."""
+    conf = read_conf(args.conf)
+    conf = apply_overrides(conf, **{k: getattr(args, k, None) for k in CONF_FLAGS})
+    if conf.demo:
+        from utils.demo_data import ensure_demo_assets
+        ensure_demo_assets(conf.model_name, conf.dataset_path, conf.img_addr, conf.patch_image_size or 64)
+    return validate(conf, splits=('train',) if args.mode == 'train' else ('test',))
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def resolve_checkpoint(arg: Optional[str], work_dir: str) -> Optional[str]:
+    """A CheckpointHook checkpoint prefix (work_dir/iter_N) from a prefix, its .pth file, or "latest"."""
+    if arg is None:
+        return None
+    if arg == 'latest':
+        found = []
+        if os.path.isdir(work_dir):
+            for name in os.listdir(work_dir):
+                m = CKPT_NAME.match(name)
+                if m and os.path.isfile(os.path.join(work_dir, f'{m[1]}_{m[2]}_trainer_state.pth')):
+                    found.append((os.path.getmtime(os.path.join(work_dir, name)), int(m[2]), name[:-4]))
+        if not found:
+            raise ConfError(f'-p latest: no checkpoint (iter_N.pth + iter_N_trainer_state.pth) in {work_dir}')
+        prefix = os.path.join(work_dir, max(found)[2])
+        logger.info('resuming from the newest checkpoint: %s', prefix)
+        return prefix
+    prefix = arg[:-4] if arg.endswith('.pth') else arg
+    if not os.path.isfile(prefix + '.pth'):
+        raise ConfError(f'checkpoint {arg}: {prefix}.pth does not exist')
+    if not os.path.isfile(prefix + '_trainer_state.pth'):
+        raise ConfError(f'checkpoint {arg} is not a CheckpointHook checkpoint: '
+                        f'{prefix}_trainer_state.pth does not exist')
+    return prefix
+
+
+# ---------------------------------------------------------------- train
+
+def model_dir_of(conf: Conf) -> str:
+    """The local dir of conf.model_name: the dir itself, or the hub snapshot (downloaded if needed)."""
+    if conf.model_is_local:
+        return conf.model_name
+    from modelscope.hub.snapshot_download import snapshot_download
+    return snapshot_download(conf.model_name, revision=conf.model_revision)
+
+
+def model_cfg_overrides(conf: Conf) -> dict:
+    return {'patch_image_size': conf.patch_image_size, 'max_image_size': conf.max_image_size}
+
+
+def make_cfg_modify_fn(conf: Conf):
+    """The training section of the ModelScope configuration, from the conf (nothing else sets it)."""
+    def cfg_modify_fn(cfg):
+        cfg.task = 'image-captioning'  # a pretrain checkpoint becomes a captioning model
+        cfg.pipeline = {'type': 'image-captioning'}
+        for key, value in model_cfg_overrides(conf).items():
+            if value is not None:
+                cfg.model[key] = value
+        cfg.model['beam_search'] = {'beam_size': conf.beam_size, 'max_len_b': conf.max_len, 'min_len': 1,
+                                    'no_repeat_ngram_size': conf.no_repeat_ngram_size}
+        cfg.train = {
+            'work_dir': conf.work_dir,
+            'max_epochs': conf.max_epochs,
+            'dataloader': {'batch_size_per_gpu': conf.batch_size, 'workers_per_gpu': conf.num_workers,
+                           'shuffle': True},
+            'optimizer': {'type': 'AdamW', 'lr': conf.lr, 'weight_decay': conf.weight_decay},
+            'lr_scheduler': {'name': 'polynomial_decay', 'warmup_proportion': conf.warmup, 'lr_end': 1e-7},
+            'lr_scheduler_hook': {'type': 'LrSchedulerHook', 'by_epoch': False},
+            'optimizer_hook': {'type': 'OptimizerHook', 'grad_clip': {'max_norm': 1.0, 'norm_type': 2},
+                               'loss_keys': 'loss'},
+            'criterion': {'name': 'AdjustLabelSmoothedCrossEntropyCriterion',
+                          'label_smoothing': conf.label_smoothing, 'ignore_prefix_size': 0,
+                          'ignore_eos': False, 'report_accuracy': False, 'sentence_avg': False,
+                          'drop_worst_ratio': 0.0, 'drop_worst_after': 0, 'use_rdrop': False,
+                          'reg_alpha': 1.0, 'sample_patch_num': 196, 'constraint_range': None},
+            'hooks': [
+                {'type': 'CheckpointHook', 'by_epoch': conf.checkpoint.by_epoch,
+                 'interval': conf.checkpoint.interval, 'max_checkpoint_num': conf.checkpoint.max_checkpoint_num,
+                 'output_sub_dir': OUTPUT_DIR},
+                {'type': 'TextLoggerHook', 'interval': conf.log_interval},
+                {'type': 'IterTimerHook'},
+            ],
+        }
+        cfg.evaluation = {'dataloader': {'batch_size_per_gpu': conf.batch_size,
+                                         'workers_per_gpu': conf.num_workers}, 'metrics': []}
+        return cfg
+    return cfg_modify_fn
+
+
+def build_trainer(conf: Conf, rows: List[dict], style_map, model_dir: str):
+    from modelscope.trainers.multi_modal.ofa.ofa_trainer import OFATrainer
+
+    from preprocessors import OfaPreprocessorForStylishIC
+    from utils.dataset import StylishCaptionDataset
+    from utils.runtime import no_hub_check_for_local_model
+
+    preprocessor = {
+        split: OfaPreprocessorForStylishIC(model_dir, mode=mode, style_map=style_map,
+                                           model_cfg=model_cfg_overrides(conf), no_collate=True)
+        for split, mode in (('train', 'train'), ('val', 'eval'))
+    }
+    dataset = StylishCaptionDataset(rows, preprocessor['train'])
+    with no_hub_check_for_local_model(conf.model_is_local):
+        return OFATrainer(model=conf.model_name, model_revision=conf.model_revision,
+                          cfg_modify_fn=make_cfg_modify_fn(conf), train_dataset=dataset,
+                          preprocessor=preprocessor, work_dir=conf.work_dir, seed=conf.seed)
+
+
+def train(conf: Conf, checkpoint: Optional[str], stamp: str) -> dict:
+    from utils.data import read_split, read_styles
+    from utils.runtime import trainer_state_loading, write_json_atomic
+    from utils.styles import StyleMap
+
+    rows, stats = read_split(conf.split_path('train'), conf.img_addr, conf.file_attr, 'train',
+                             strict=conf.strict, limit=conf.max_train_samples)
+    styles = read_styles(conf.dataset_path, rows)
+    style_map = StyleMap.build(styles, conf.tokenize_style, conf.prompt_template)
+    logger.info('%d train rows, %d styles (%s in the prompt)', len(rows), len(styles),
+                'style tokens' if conf.tokenize_style else 'style words')
+    model_dir = model_dir_of(conf)
+    trainer = build_trainer(conf, rows, style_map, model_dir)
+    with trainer_state_loading():
+        trainer.train(checkpoint)
+    output = os.path.join(conf.work_dir, OUTPUT_DIR)
+    logger.info('trained model: %s', output)
+    summary = {'mode': 'train', 'time': stamp, 'checkpoint': checkpoint, 'output': output,
+               'conf': conf.to_dict(), 'data': {'train': stats.to_dict()}, 'styles': len(styles),
+               'iterations': trainer.iter}
+    write_json_atomic(os.path.join(conf.work_dir, f'train_{stamp}.json'), summary)
+    return summary
+
+
+def demo_report(conf: Conf, output: str) -> dict:
+    """Demo only: caption every held-out test image in every style; how often is the style followed?"""
+    from utils.captioner import Captioner
+    from utils.data import read_split
+    from utils.demo_data import STYLES, content_correct, style_followed
+
+    rows, _ = read_split(conf.split_path('test'), conf.img_addr, conf.file_attr, 'test')
+    images = sorted({r['image'] for r in rows})
+    items = [{'image': img, 'style': s} for img in images for s in STYLES]
+    captioner = Captioner(output, beam_size=conf.beam_size, max_len=conf.max_len,
+                          no_repeat_ngram_size=conf.no_repeat_ngram_size)
+    caps = captioner.caption(items, batch_size=32)
+    truth = {r['image']: r['text'] for r in rows}
+    followed = content = 0
+    for item, cap in zip(items, caps):
+        followed += style_followed(item['style'], cap)
+        words = truth[item['image']].split()  # every template ends "... {colour} {shape} ..."
+        colour = next(w for w in words if w in ('red', 'green', 'blue', 'yellow'))
+        shape = next(w for w in words if w in ('circle', 'square', 'triangle'))
+        content += content_correct(colour, shape, cap)
+    for item, cap in list(zip(items, caps))[:8]:
+        logger.info('  %-10s %-28s -> %s', item['style'], os.path.basename(item['image']), cap)
+    report = {'captions': len(items), 'style_followed': followed, 'content_correct': content}
+    logger.info('demo: %d/%d held-out captions follow the requested style, %d/%d name the right colour '
+                'and shape', followed, len(items), content, len(items))
+    return report
+
+
+# ---------------------------------------------------------------- helpers
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from utils.runtime import log_to_file, setup_logging, timestamp, write_json_atomic
+
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    stamp = timestamp()
+    try:
+        conf = load_conf(args)
+        checkpoint = resolve_checkpoint(args.checkpoint, conf.work_dir)
+    except (ConfError, DataError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return EXIT_USAGE
+    os.makedirs(conf.work_dir, exist_ok=True)
+    log_to_file(os.path.join(conf.work_dir, f'{args.mode}_{stamp}.log'))
+    try:
+        if args.mode == 'train':
+            summary = train(conf, checkpoint, stamp)
+            if conf.demo:
+                summary['demo'] = demo_report(conf, summary['output'])
+                write_json_atomic(os.path.join(conf.work_dir, f'train_{stamp}.json'), summary)
+        else:
+            from utils.evaluate import evaluate
+            evaluate(conf, checkpoint, stamp, n_samples=args.n_samples, log_csv=args.log_csv)
+    except (ConfError, DataError, UnknownStyleError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Caption images in a requested style, in batches, with a trained model.
+
+    python3 pre_inference.py --conf C [-b BATCH] [-n N] [-r] [-j LIST.json] [-m MODEL] [-o OUT_DIR] [-d DESC]
+
+Writes {OUT_DIR or work_dir}/inference_{time}.json:
+    {"model_name", "model_revision", "n_eval_sample", "results": [{"style", "image", "caption", "reference"}]}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+from typing import List, Optional
+
+from utils.conf import ConfError, apply_overrides, read_conf, validate
+from utils.data import DataError, check_image, image_path, read_split
+from utils.styles import UnknownStyleError
+
+logger = logging.getLogger('pre_inference')
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='pre_inference.py', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('-c', '--conf', required=True, help='path to the JSON conf')
+    p.add_argument('-b', '--batch_size', type=int, help='captions per batch (conf: batch_size)')
+    p.add_argument('-w', '--num_workers', type=int, help='dataloader workers (conf: num_workers)')
+    p.add_argument('-n', '--n_samples', type=int, help='caption N test samples (default: all)')
+    p.add_argument('-r', '--random', action='store_true', help='pick the N test samples at random (conf: seed)')
+    p.add_argument('-j', '--json', help='caption this JSON list of {"style", "image" or "image_hash", '
+                                        '"reference"?} instead of the test split, in order')
+    p.add_argument('-m', '--model', help='model dir or hub id (default: {work_dir}/output)')
+    p.add_argument('-o', '--out_dir', help='where inference_{time}.json goes (default: work_dir)')
+    p.add_argument('-d', '--desc', help='a description that replaces model_name in the output')
+    p.add_argument('--beam_size', type=int, help='conf: beam_size')
+    p.add_argument('--max_len', type=int, help='conf: max_len')
+    p.add_argument('--no_repeat_ngram_size', type=int, help='conf: no_repeat_ngram_size')
+    return p
+
+
+def reference_value(refs: List[str]):
+    """A single reference as a string, several as a list (the seed's format)."""
+    return refs[0] if len(refs) == 1 else refs
+
+
+def test_items(conf, n: Optional[int], pick_random: bool) -> List[dict]:
+    rows, _ = read_split(conf.split_path('test'), conf.img_addr, conf.file_attr, 'test', strict=conf.strict)
+    if n is not None and n < len(rows):
+        rows = random.Random(conf.seed).sample(rows, n) if pick_random else rows[:n]
+    return [{'style': r['style'], 'image': r['image'], 'reference': reference_value(r['references'])}
+            for r in rows]
+
+
+def json_items(path: str, conf) -> List[dict]:
+    """Items of a -j file, in order; any bad row is an error naming it (the user asked for each one)."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f'-j file {path} does not exist') from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f'-j file {path} is not valid JSON: {e}') from None
+    if not isinstance(data, list) or not data:
+        raise DataError(f'-j file {path} must hold a non-empty JSON list of {{"style", "image"}} objects')
+    items = []
+    for i, row in enumerate(data):
+        where = f'-j file {path}, row {i}'
+        if not isinstance(row, dict):
+            raise DataError(f'{where}: not an object')
+        if not isinstance(row.get('style'), str) or not row['style']:
+            raise DataError(f'{where}: "style" missing or not a string')
+        if isinstance(row.get('image'), str):
+            img = row['image']
+        elif isinstance(row.get('image_hash'), str):
+            img = image_path(conf.img_addr, row['image_hash'], conf.file_attr)
+        else:
+            raise DataError(f'{where}: needs "image" (a path) or "image_hash"')
+        problem = check_image(img)
+        if problem:
+            raise DataError(f'{where}: {problem}: {img}')
+        item = {'style': row['style'], 'image': img}
+        ref = row.get('reference')
+        if ref is not None:
+            if not (isinstance(ref, str) or (isinstance(ref, list) and all(isinstance(r, str) for r in ref))):
+                raise DataError(f'{where}: "reference" must be a string or a list of strings')
+            item['reference'] = ref
+        items.append(item)
+    return items
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from utils.runtime import setup_logging, timestamp, unique_path, write_json_atomic
+
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        conf = apply_overrides(read_conf(args.conf), batch_size=args.batch_size, num_workers=args.num_workers,
+                               beam_size=args.beam_size, max_len=args.max_len,
+                               no_repeat_ngram_size=args.no_repeat_ngram_size)
+        validate(conf, splits=() if args.json else ('test',))
+        if args.n_samples is not None and args.n_samples < 1:
+            raise ConfError(f'-n must be at least 1, got {args.n_samples}')
+        items = json_items(args.json, conf) if args.json else test_items(conf, args.n_samples, args.random)
+
+        from utils.captioner import load_captioner
+        captioner = load_captioner(conf, args.model)
+        for i, item in enumerate(items):  # fail before any work, naming the row
+            try:
+                captioner.style_map.check(item['style'])
+            except UnknownStyleError as e:
+                raise ConfError(f'{"-j file " + args.json if args.json else "test split"}, row {i}: {e}') from None
+        captions = captioner.caption(items, batch_size=conf.batch_size, num_workers=conf.num_workers)
+    except (ConfError, DataError, UnknownStyleError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return EXIT_USAGE
+
+    results = []
+    for item, cap in zip(items, captions):
+        r = {'style': item['style'], 'image': item['image'], 'caption': cap}
+        if 'reference' in item:
+            r['reference'] = item['reference']
+        results.append(r)
+    out_dir = args.out_dir or conf.work_dir
+    os.makedirs(out_dir, exist_ok=True)
+    path = unique_path(out_dir, 'inference', timestamp())
+    write_json_atomic(path, {
+        'model_name': args.desc or (args.model if args.model else conf.model_name),
+        'model_revision': None if args.model else conf.model_revision,
+        'n_eval_sample': len(results),
+        'results': results,
+    })
+    logger.info('%d captions written to %s', len(results), path)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

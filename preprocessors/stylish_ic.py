@@ -1,0 +1,113 @@
+"""Style-conditioned OFA captioning preprocessors (subclasses of ModelScope's).
+
+``OfaStylishICPreprocessor`` changes one thing in ModelScope's ``OfaImageCaptioningPreprocessor``: the
+prompt is built per sample from the template and the sample's style. ``OfaPreprocessorForStylishIC`` is
+ModelScope's ``OfaPreprocessor`` with the task fixed to stylish captioning; it is what OFATrainer gets as
+``preprocessor={'train': ..., 'val': ...}`` (set afterwards, the stock one would silently be used).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional
+
+import torch
+from modelscope.preprocessors.base import Preprocessor
+from modelscope.preprocessors.builder import PREPROCESSORS
+from modelscope.preprocessors.multi_modal import OfaPreprocessor
+from modelscope.preprocessors.ofa.image_captioning import OfaImageCaptioningPreprocessor
+from modelscope.preprocessors.ofa.utils.constant import OFA_TASK_KEY_MAPPING
+from modelscope.utils.config import Config
+from modelscope.utils.constant import Fields, ModeKeys, ModelFile, Tasks
+
+from utils.styles import StyleMap
+
+STYLISH_IC_PREPROCESSOR = 'ofa-stylish-image-captioning-preprocessor'
+
+
+class OfaStylishICPreprocessor(OfaImageCaptioningPreprocessor):
+    r"""OFA image-captioning preprocessor whose prompt carries the sample's style.
+
+    step 1. As ModelScope's captioning preprocessor: load the image, resize (bicubic) and normalise it.
+        This is deterministic in every mode (no random crop), so eval and inference are reproducible.
+    step 2. Fill the prompt template with the style's token (or the style word): the ``source``.
+        Tokenised prompts are cached per style.
+    Training samples (``target``, ``prev_output_tokens``) come from the parent unchanged.
+
+    Args:
+        cfg, model_dir, mode: as ``OfaImageCaptioningPreprocessor``.
+        style_map (StyleMap): styles the model knows and how each enters the prompt.
+    """
+
+    def __init__(self, cfg, model_dir, mode=ModeKeys.INFERENCE, *args, style_map: StyleMap, **kwargs):
+        super().__init__(cfg, model_dir, mode, *args, **kwargs)
+        self.style_map = style_map
+        self.column_map.setdefault('text', 'text')
+        self.column_map.setdefault('style', 'style')
+        self._source_cache: Dict[str, torch.Tensor] = {}
+
+    def style_source(self, style: str) -> torch.Tensor:
+        """The tokenised prompt for a style (raises UnknownStyleError for a style the map lacks)."""
+        source = self._source_cache.get(style)
+        if source is None:
+            source = self.tokenize_text(self.style_map.prompt_for(style))
+            self._source_cache[style] = source
+        return source
+
+    def _build_infer_sample(self, data: Dict[str, Any]) -> Dict[str, Any]:
+        image = self.get_img_pil(data[self.column_map['image']])
+        sample = {
+            'source': self.style_source(data[self.column_map['style']]),
+            'patch_image': self.patch_resize_transform(image),
+            'patch_mask': torch.tensor([True]),
+        }
+        if self.column_map['text'] in data:
+            sample['label'] = data[self.column_map['text']]
+        return sample
+
+
+@PREPROCESSORS.register_module(Fields.multi_modal, module_name=STYLISH_IC_PREPROCESSOR)
+class OfaPreprocessorForStylishIC(OfaPreprocessor):
+    r"""``OfaPreprocessor`` whose inner preprocessor is always ``OfaStylishICPreprocessor``.
+
+    Args:
+        model_dir (str): a local ModelScope OFA model dir.
+        mode: train / eval / inference; setting ``.mode`` later reaches the inner preprocessor too.
+        style_map (StyleMap, optional): default: the ``style_map.json`` saved in model_dir.
+        model_cfg (dict, optional): values that replace ``model.*`` of the model's configuration.json
+            (``patch_image_size``, ``max_image_size``, ...).
+        no_collate (bool): return one sample (for a DataLoader) instead of a batch of one.
+    """
+
+    def __init__(self, model_dir: str, mode=ModeKeys.INFERENCE, *args, style_map: Optional[StyleMap] = None,
+                 model_cfg: Optional[dict] = None, no_collate: bool = False, **kwargs):
+        # OfaPreprocessor.__init__ picks the inner preprocessor from the task; ours is fixed, so we set up
+        # the same attributes here instead of building a stock one first and replacing it.
+        Preprocessor.__init__(self, mode, *args, **kwargs)
+        if not os.path.isdir(model_dir):
+            raise FileNotFoundError(f'model dir {model_dir} does not exist')
+        self.cfg = Config.from_file(os.path.join(model_dir, ModelFile.CONFIGURATION))
+        self.cfg.task = Tasks.image_captioning  # e.g. a pretrain checkpoint that is fine-tuned for captioning
+        for key, value in (model_cfg or {}).items():
+            if value is not None:
+                self.cfg.model[key] = value
+        self.style_map = style_map if style_map is not None else StyleMap.load(model_dir)
+        self.preprocess = OfaStylishICPreprocessor(self.cfg, model_dir, mode, style_map=self.style_map)
+        self.keys = OFA_TASK_KEY_MAPPING[Tasks.image_captioning]
+        self.tokenizer = self.preprocess.tokenizer
+        self.no_collate = no_collate
+
+    @property
+    def mode(self):
+        return self._mode
+
+    @mode.setter
+    def mode(self, value):
+        self._mode = value
+        if hasattr(self, 'preprocess'):
+            self.preprocess.mode = value
+
+    def save_pretrained(self, target_folder, config=None, save_config_function=None):
+        """Called by CheckpointHook when it writes the output model dir: the style map goes with it."""
+        os.makedirs(target_folder, exist_ok=True)
+        self.style_map.save(target_folder)
+        super().save_pretrained(target_folder, config, save_config_function)

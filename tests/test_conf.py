@@ -1,0 +1,103 @@
+"""The conf is loaded into one typed object and validated before anything runs."""
+import json
+import os
+
+import pytest
+
+import finetune
+from utils.conf import DEFAULT_PROMPT, Conf, ConfError, apply_overrides, read_conf, validate
+
+
+def load(path):
+    return validate(read_conf(path))
+
+
+def test_valid_conf_loads_with_defaults(make_conf):
+    conf = load(make_conf())
+    assert isinstance(conf, Conf)
+    assert conf.prompt_template == DEFAULT_PROMPT  # "" means the default prompt
+    assert conf.checkpoint.interval == 3 and conf.num_workers == 0
+    assert conf.model_is_local
+
+
+@pytest.mark.parametrize('overrides, key', [
+    ({'img_addr': '__drop__'}, 'missing conf key "img_addr"'),
+    ({'work_dir': '__drop__'}, 'missing conf key "work_dir"'),
+    ({'batchsize': 8}, 'unknown conf key "batchsize"'),
+    ({'checkpoint': {'interval': 5, 'every': 1}}, 'unknown conf key "checkpoint.every"'),
+    ({'batch_size': '8'}, '"batch_size": expected int'),
+    ({'tokenize_style': 'yes'}, '"tokenize_style": expected bool'),
+    ({'max_epochs': True}, '"max_epochs": expected int'),
+    ({'checkpoint': {'interval': 'often'}}, '"checkpoint.interval": expected int'),
+    ({'checkpoint': 5}, '"checkpoint": expected an object'),
+    ({'batch_size': -1}, '"batch_size" must be at least 1'),
+    ({'num_workers': -2}, '"num_workers" must not be negative'),
+    ({'lr': 0}, '"lr" must be positive'),
+    ({'warmup': 1.5}, '"warmup"'),
+    ({'patch_image_size': 64, 'max_image_size': 32}, '"patch_image_size" (64) must not exceed "max_image_size" (32)'),
+    ({'prompt': 'describe the image'}, '"prompt" must hold exactly one "{}"'),
+    ({'prompt': 'a {} and {}'}, '"prompt" must hold exactly one "{}"'),
+    ({'prompt': 'a {style} reply'}, '"prompt" must hold exactly one "{}"'),
+    ({'img_addr': '/nonexistent/images'}, '"img_addr": folder /nonexistent/images does not exist'),
+    ({'dataset_path': '/nonexistent/pcap'}, '"dataset_path": folder /nonexistent/pcap does not exist'),
+    ({'train_json': 'nope.json'}, '"train_json": file'),
+    ({'model_name': '/nonexistent/model'}, '"model_name": local model dir /nonexistent/model does not exist'),
+    ({'file_attr': ''}, '"file_attr" must not be empty'),
+])
+def test_bad_conf_names_the_key(make_conf, overrides, key):
+    with pytest.raises(ConfError) as e:
+        load(make_conf(**overrides))
+    assert key in str(e.value)
+
+
+def test_model_dir_without_configuration_json(make_conf, tmp_path):
+    empty = tmp_path / 'not_a_model'
+    empty.mkdir()
+    with pytest.raises(ConfError, match='has no configuration.json'):
+        load(make_conf(model_name=str(empty)))
+
+
+def test_hub_id_is_not_a_local_dir(make_conf):
+    conf = read_conf(make_conf(model_name='damo/ofa_image-caption_coco_distilled_en', model_revision='v1.0.1'))
+    assert not conf.model_is_local
+    validate(conf)  # no file-system check for a hub id: nothing is downloaded at validation
+
+
+@pytest.mark.parametrize('text, message', [
+    ('{"model_name": ', 'is not valid JSON'),
+    ('[1, 2]', 'must be a JSON object, got list'),
+])
+def test_conf_file_not_json_or_not_object(tmp_path, text, message):
+    path = tmp_path / 'bad.json'
+    path.write_text(text)
+    with pytest.raises(ConfError, match=message):
+        read_conf(path)
+
+
+def test_cli_override_replaces_conf_value_and_is_checked(make_conf):
+    conf = read_conf(make_conf())
+    assert apply_overrides(conf, batch_size=2, lr=None).batch_size == 2
+    with pytest.raises(ConfError, match='"batch_size" must be at least 1'):
+        validate(apply_overrides(conf, batch_size=0))
+
+
+@pytest.mark.parametrize('overrides, argv_extra, key', [
+    ({'batch_size': '4'}, [], 'batch_size'),
+    ({'prompt': 'no placeholder'}, [], 'prompt'),
+    ({'unknown_knob': 1}, [], 'unknown_knob'),
+    ({}, ['-b', '-3'], 'batch_size'),
+    ({}, ['-p', '/nonexistent/iter_5'], '/nonexistent/iter_5'),
+])
+def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(make_conf, capsys, overrides, argv_extra, key):
+    path = make_conf(**overrides)
+    work_dir = json.loads(open(path).read())['work_dir']
+    code = finetune.main(['train', '--conf', path] + argv_extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith('error: ') and key in err[0]
+    assert not os.path.exists(work_dir)
+
+
+def test_missing_conf_file(capsys, tmp_path):
+    assert finetune.main(['train', '--conf', str(tmp_path / 'none.json')]) == 2
+    assert 'conf file not found' in capsys.readouterr().err

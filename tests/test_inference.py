@@ -1,0 +1,126 @@
+"""pre_inference.py and finetune.py eval on the tiny trained model."""
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+import finetune
+import pre_inference
+
+
+def run_inference(conf_path, *extra):
+    return pre_inference.main(['--conf', conf_path, '-b', '4', *extra])
+
+
+def newest(directory, pattern):
+    files = sorted(Path(directory).glob(pattern))
+    return files[-1] if files else None
+
+
+@pytest.fixture(scope='module')
+def test_rows(trained):
+    conf = json.loads(Path(trained[0]).read_text())
+    rows = json.loads((Path(conf['dataset_path']) / 'test.json').read_text())
+    return conf, rows
+
+
+def test_default_captions_the_whole_test_split(trained, test_rows, tmp_path):
+    conf, rows = test_rows
+    assert run_inference(trained[0], '-o', str(tmp_path)) == 0
+    out = json.loads(newest(tmp_path, 'inference_*.json').read_text())
+    assert set(out) == {'model_name', 'model_revision', 'n_eval_sample', 'results'}
+    assert out['model_name'] == conf['model_name'] and out['n_eval_sample'] == len(rows) == len(out['results'])
+    for r, row in zip(out['results'], rows):
+        assert set(r) == {'style', 'image', 'caption', 'reference'}
+        assert r['style'] == row['personality'] and r['image'].endswith(row['image_hash'] + '.jpg')
+        assert isinstance(r['caption'], str) and r['caption']
+        assert r['reference'] == [row['comment']] + row['additional_comments']
+
+
+def test_n_first_and_random(trained, test_rows, tmp_path):
+    _, rows = test_rows
+    assert run_inference(trained[0], '-n', '3', '-o', str(tmp_path / 'a')) == 0
+    first = json.loads(newest(tmp_path / 'a', 'inference_*.json').read_text())['results']
+    assert [r['image'].split('/')[-1] for r in first] == [r['image_hash'] + '.jpg' for r in rows[:3]]
+    picks = []
+    for d in ('b', 'c'):
+        assert run_inference(trained[0], '-n', '3', '-r', '-o', str(tmp_path / d)) == 0
+        picks.append([r['image'] for r in json.loads(newest(tmp_path / d, 'inference_*.json').read_text())['results']])
+    assert picks[0] == picks[1] and len(set(picks[0])) == 3  # seeded: reproducible
+    assert set(p.split('/')[-1] for p in picks[0]) <= {r['image_hash'] + '.jpg' for r in rows}
+
+
+def test_json_list_in_order_with_two_styles_for_one_image(trained, test_rows, tmp_path):
+    conf, _ = test_rows
+    image = str(Path(conf['img_addr']) / 'test0001.jpg')
+    items = [{'style': 'Sarcastic', 'image': image, 'reference': 'a ref'},
+             {'style': 'Happy', 'image': image},
+             {'style': 'Anxious', 'image_hash': 'test0002', 'reference': ['r1', 'r2']}]
+    j = tmp_path / 'list.json'
+    j.write_text(json.dumps(items))
+    assert run_inference(trained[0], '-j', str(j), '-o', str(tmp_path), '-d', 'my model') == 0
+    out = json.loads(newest(tmp_path, 'inference_*.json').read_text())
+    assert out['model_name'] == 'my model' and out['n_eval_sample'] == 3
+    assert [r['style'] for r in out['results']] == ['Sarcastic', 'Happy', 'Anxious']
+    assert out['results'][0]['reference'] == 'a ref' and 'reference' not in out['results'][1]
+    assert out['results'][2]['reference'] == ['r1', 'r2']
+    assert out['results'][2]['image'] == str(Path(conf['img_addr']) / 'test0002.jpg')
+
+
+def test_batching_does_not_change_captions(trained, test_rows):
+    from utils.captioner import load_captioner
+    from utils.conf import read_conf
+    conf, rows = test_rows
+    captioner = load_captioner(read_conf(trained[0]))
+    items = [{'style': r['personality'], 'image': str(Path(conf['img_addr']) / (r['image_hash'] + '.jpg'))}
+             for r in rows]
+    assert captioner.caption(items, batch_size=1) == captioner.caption(items, batch_size=5)
+
+
+@pytest.mark.parametrize('items, message', [
+    ([{'style': 'Sarcastik', 'image_hash': 'test0001'}], "unknown style 'Sarcastik'"),
+    ([{'style': 'Happy', 'image_hash': 'nope'}], 'row 0: image missing'),
+    ([{'style': 'Happy'}], 'row 0: needs "image"'),
+    ({'style': 'Happy'}, 'must hold a non-empty JSON list'),
+])
+def test_bad_json_list_is_a_clear_error(trained, tmp_path, capsys, items, message):
+    j = tmp_path / 'list.json'
+    j.write_text(json.dumps(items))
+    assert run_inference(trained[0], '-j', str(j), '-o', str(tmp_path / 'out')) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / 'out').exists()
+
+
+def test_unknown_style_names_nearest(trained, tmp_path, capsys):
+    j = tmp_path / 'list.json'
+    j.write_text(json.dumps([{'style': 'Happy', 'image_hash': 'test0001'}, {'style': 'anxious', 'image_hash': 'test0001'}]))
+    assert run_inference(trained[0], '-j', str(j)) == 2
+    err = capsys.readouterr().err
+    assert 'row 1' in err and "unknown style 'anxious'" in err and "'Anxious'" in err
+
+
+def test_model_dir_without_configuration(trained, tmp_path, capsys):
+    assert run_inference(trained[0], '-m', str(tmp_path)) == 2
+    assert 'has no configuration.json' in capsys.readouterr().err
+
+
+def test_eval_writes_metrics_and_csv(trained, tmp_path, capsys):
+    csv_path = tmp_path / 'runs.csv'
+    for _ in range(2):
+        assert finetune.main(['eval', '--conf', trained[0], '-b', '4', '-l', str(csv_path)]) == 0
+    out = capsys.readouterr().out
+    assert 'CIDEr' in out and 'Bleu_4' in out
+    result = json.loads(newest(trained[1], 'eval_*.json').read_text())
+    for key in ('Bleu_1', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr'):
+        assert 0 <= result['metrics'][key] <= 10
+    assert len(result['predictions']) == 8 and len(result['predictions'][0]['references']) == 2
+    rows = list(csv.DictReader(csv_path.open()))
+    assert len(rows) == 2 and rows[0]['CIDEr'] == rows[1]['CIDEr'] and rows[0]['beam_size'] == '5'
+
+
+def test_eval_of_a_checkpoint(trained):
+    assert finetune.main(['eval', '--conf', trained[0], '-p', str(trained[1] / 'iter_3'), '-n', '4']) == 0
+    result = json.loads(newest(trained[1], 'eval_*.json').read_text())
+    assert result['checkpoint'].endswith('iter_3') and len(result['predictions']) == 4

@@ -1,0 +1,64 @@
+"""End to end: finetune.py train on the tiny model with ModelScope's real OFATrainer."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import finetune
+from conftest import read_log_json
+
+
+def test_loss_goes_down(trained):
+    losses = [e['loss'] for e in read_log_json(trained[1], run=0) if e.get('mode') == 'train']
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
+
+
+def test_checkpoints_and_output_written(trained):
+    work = trained[1]
+    for n in (3, 6, 9, 12):
+        assert (work / f'iter_{n}.pth').is_file() and (work / f'iter_{n}_trainer_state.pth').is_file()
+    out = work / 'output'
+    for name in ('configuration.json', 'config.json', 'pytorch_model.bin', 'vocab.json', 'merges.txt',
+                 'style_map.json'):
+        assert (out / name).is_file(), name
+    styles = json.loads((out / 'style_map.json').read_text())['tokens']
+    assert set(styles) == {'Happy', 'Sarcastic', 'Romantic', 'Anxious'}
+    summary = json.loads(next(work.glob('train_*.json')).read_text())
+    assert summary['iterations'] == 12 and summary['data']['train']['kept'] == 48
+
+
+def test_output_is_a_modelscope_model_dir_with_the_final_weights(trained):
+    from modelscope.models import Model
+    out = trained[1] / 'output'
+    model = Model.from_pretrained(str(out))
+    final = torch.load(trained[1] / 'iter_12.pth', weights_only=True)
+    final = final.get('state_dict', final)
+    loaded = model.state_dict()
+    key = next(k for k in final if 'embed_tokens' in k)
+    assert torch.equal(loaded.get(key, loaded.get('model.' + key)), final[key])
+
+
+def test_resume_continues_from_the_saved_iteration(trained, tmp_path):
+    conf_path, work = trained
+    first = [e['loss'] for e in read_log_json(work, run=0) if e.get('mode') == 'train']
+    assert finetune.main(['train', '--conf', conf_path, '-p', str(work / 'iter_6')]) == 0
+    resumed = [e for e in read_log_json(work) if e.get('mode') == 'train']
+    assert len(resumed) == 6 and all(e['epoch'] == 2 for e in resumed)  # iterations 7..12 only
+    assert resumed[0]['loss'] < first[0] - 0.5  # weights came back, not a fresh start
+    summaries = sorted(work.glob('train_*.json'), key=os.path.getmtime)
+    assert json.loads(summaries[-1].read_text())['iterations'] == 12
+
+
+def test_latest_checkpoint_is_found(trained):
+    assert finetune.resolve_checkpoint('latest', str(trained[1])) == str(trained[1] / 'iter_12')
+    assert finetune.resolve_checkpoint(str(trained[1] / 'iter_9.pth'), '') == str(trained[1] / 'iter_9')
+
+
+def test_checkpoint_without_trainer_state_is_refused(trained, tmp_path):
+    lone = tmp_path / 'iter_1.pth'
+    lone.write_bytes((trained[1] / 'iter_3.pth').read_bytes())
+    with pytest.raises(finetune.ConfError, match='not a CheckpointHook checkpoint'):
+        finetune.resolve_checkpoint(str(lone), '')

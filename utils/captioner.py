@@ -1,0 +1,119 @@
+"""Batched, style-conditioned captioning with a trained model dir (or a hub id).
+
+Real batching: samples go through the stylish preprocessor in a DataLoader, are collated by
+ModelScope's OFA ``collate_fn`` and generated together by ModelScope's OFA ``SequenceGenerator``
+(beam size, max length, no-repeat n-gram from the conf); captions are cleaned by the model's own
+``postprocess``. Eval and inference are deterministic.
+"""
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import List, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+class _StyledImages(Dataset):
+    def __init__(self, items: Sequence[dict], preprocessor):
+        self.items, self.preprocessor = items, preprocessor
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        return self.preprocessor({'image': item['image'], 'style': item['style']})
+
+
+class Captioner:
+    """Load once, caption many: ``Captioner(model_dir).caption([{"style", "image"}, ...])``."""
+
+    def __init__(self, model: str, revision: Optional[str] = None, *, beam_size: int = 5, max_len: int = 16,
+                 no_repeat_ngram_size: int = 3, model_cfg: Optional[dict] = None, device: Optional[str] = None):
+        from modelscope.models import Model
+        from modelscope.models.multi_modal.ofa.generate import sequence_generator as sg
+
+        from preprocessors import OfaPreprocessorForStylishIC
+
+        kwargs = {'revision': revision} if revision else {}
+        self.model = Model.from_pretrained(model, **kwargs)
+        self.model_dir = self.model.model_dir
+        self.preprocessor = OfaPreprocessorForStylishIC(self.model_dir, mode='inference', no_collate=True,
+                                                        model_cfg=model_cfg)
+        self.style_map = self.preprocessor.style_map
+        self.model.generator = sg.SequenceGenerator(
+            tokenizer=self.model.tokenizer, beam_size=beam_size, max_len_b=max_len, min_len=1,
+            no_repeat_ngram_size=no_repeat_ngram_size)
+        self.device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        self.model.to(self.device).eval()
+        tok = self.model.tokenizer
+        self.collate = partial(_collate, pad_idx=tok.pad_token_id, eos_idx=tok.eos_token_id)
+
+    def caption(self, items: Sequence[dict], batch_size: int = 16, num_workers: int = 0,
+                progress: bool = True) -> List[str]:
+        """Captions for ``[{"style", "image"}, ...]``, in order. Unknown styles fail before any work."""
+        for item in items:
+            self.style_map.check(item['style'])
+        loader = DataLoader(_StyledImages(items, self.preprocessor), batch_size=batch_size, shuffle=False,
+                            num_workers=num_workers, collate_fn=self.collate)
+        captions: List[str] = []
+        with torch.inference_mode():
+            for batch in tqdm(loader, desc='captioning', unit='batch', disable=not progress):
+                out = self.model(batch)  # forward (generation) + postprocess
+                caps = out['caption']
+                if caps and isinstance(caps[0], str):  # postprocess unwraps a batch of one
+                    caps = [caps]
+                captions.extend(c[0] if isinstance(c, list) else c for c in caps)
+        return captions
+
+
+def _collate(samples, pad_idx, eos_idx):
+    from modelscope.preprocessors.ofa.utils.collate import collate_fn
+    return collate_fn(samples, pad_idx=pad_idx, eos_idx=eos_idx)
+
+
+def trained_model_dir(conf, model: Optional[str] = None) -> str:
+    """The model to caption with: ``model`` (a dir or hub id) or the trained ``{work_dir}/output``."""
+    import os
+
+    from utils.conf import ConfError, is_local_model
+    if model is None:
+        model = os.path.join(conf.work_dir, 'output')
+        if not os.path.isdir(model):
+            raise ConfError(f'no trained model at {model}: train first, or name a model dir with -m')
+    elif is_local_model(model) and not os.path.isdir(model):
+        raise ConfError(f'model dir {model} does not exist')
+    if is_local_model(model) and not os.path.isfile(os.path.join(model, 'configuration.json')):
+        raise ConfError(f'model dir {model} has no configuration.json (not a ModelScope model dir)')
+    return model
+
+
+def load_captioner(conf, model: Optional[str] = None, checkpoint: Optional[str] = None,
+                   revision: Optional[str] = None) -> Captioner:
+    """A Captioner for conf's generation settings; ``checkpoint`` (a CheckpointHook ``iter_N.pth``)
+    replaces the model dir's weights, through ModelScope's own checkpoint loader."""
+    from utils.conf import ConfError
+    from utils.styles import UnknownStyleError  # noqa: F401  (re-raised by callers)
+
+    model_dir = trained_model_dir(conf, model)
+    try:
+        captioner = Captioner(model_dir, revision, beam_size=conf.beam_size, max_len=conf.max_len,
+                              no_repeat_ngram_size=conf.no_repeat_ngram_size,
+                              model_cfg={'patch_image_size': conf.patch_image_size,
+                                         'max_image_size': conf.max_image_size})
+    except FileNotFoundError as e:  # e.g. a model dir without style_map.json
+        raise ConfError(str(e)) from None
+    if checkpoint is not None:
+        from modelscope.utils.checkpoint import load_checkpoint
+        try:
+            load_checkpoint(checkpoint, captioner.model)
+        except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+            raise ConfError(f'checkpoint {checkpoint} could not be loaded: {str(e).splitlines()[0]}') from None
+        captioner.model.to(captioner.device).eval()
+        logger.info('weights from checkpoint %s', checkpoint)
+    return captioner

@@ -1,0 +1,222 @@
+"""The run conf: one typed object, loaded from the seed's JSON file and validated before anything runs.
+
+Every setting is declared once, in :class:`Conf`, with its default and its meaning. CLI flags
+override fields of the same name (see :func:`apply_overrides`); they never restate a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+DEFAULT_PROMPT = ' what does the image describe? write a {} reply.'
+HUB_ID = re.compile(r'^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$')
+
+
+class ConfError(ValueError):
+    """A conf problem, worded for the user: names the key (or file) at fault."""
+
+
+@dataclass
+class CheckpointConf:
+    by_epoch: bool = False          # save every `interval` epochs (true) or iterations (false)
+    interval: int = 5000            # epochs or iterations between checkpoints
+    max_checkpoint_num: int = 3     # older checkpoints are deleted beyond this many (null: keep all)
+
+
+@dataclass
+class Conf:
+    # --- the seed's keys (required unless a default is given) ---
+    model_name: str                 # ModelScope hub id (damo/ofa_image-caption_coco_distilled_en) or a local model dir
+    tokenize_style: bool            # true: each style is its own token in the prompt; false: the style word itself
+    img_addr: str                   # folder of images; image path = img_addr / (image_hash + file_attr)
+    dataset_path: str               # folder with the train/val/test JSON files (and personalities.txt, if any)
+    file_attr: str                  # image file suffix, e.g. ".jpg"
+    train_json: str                 # file name inside dataset_path
+    val_json: str                   # file name inside dataset_path
+    test_json: str                  # file name inside dataset_path
+    work_dir: str                   # checkpoints, output/, logs, inference and eval files go here
+    model_revision: Optional[str] = None   # hub revision (v1.0.1); ignored for a local model dir
+    prompt: Optional[str] = None    # template with one "{}" for the style; empty/null: DEFAULT_PROMPT
+
+    # --- training ---
+    max_epochs: int = 3             # epochs to train (CLI -e/--max_epoches)
+    batch_size: int = 4             # samples per step, per device (CLI -b)
+    num_workers: int = 0            # dataloader worker processes (CLI -w)
+    lr: float = 5e-5                # peak learning rate (AdamW)
+    warmup: float = 0.01            # fraction of all steps spent warming the learning rate up linearly
+    weight_decay: float = 0.01      # AdamW weight decay
+    label_smoothing: float = 0.1    # label smoothing of the cross-entropy loss
+    seed: int = 42                  # random seed for weights of new layers, shuffling, sampling
+    log_interval: int = 10          # iterations between two log lines of the loss
+    max_train_samples: Optional[int] = None  # use only the first N train rows (null: all)
+    checkpoint: CheckpointConf = field(default_factory=CheckpointConf)  # CheckpointHook settings
+
+    # --- images and generation ---
+    patch_image_size: Optional[int] = None  # side of the square image the model sees (null: the model's own)
+    max_image_size: Optional[int] = None    # largest image side the model's position buckets allow (null: the model's own)
+    beam_size: int = 5              # beam width when captioning
+    max_len: int = 16               # longest caption, in tokens, when captioning
+    no_repeat_ngram_size: int = 3   # forbid repeating n-grams of this size when captioning (0: off)
+
+    # --- data hygiene ---
+    strict: bool = False            # true: a bad row (missing/unreadable image, missing field) stops the run
+    demo: bool = False              # true: build the offline demo's tiny model and data set if they are absent
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def prompt_template(self) -> str:
+        return self.prompt or DEFAULT_PROMPT
+
+    @property
+    def model_is_local(self) -> bool:
+        return is_local_model(self.model_name)
+
+    def split_path(self, split: str) -> Path:
+        return Path(self.dataset_path) / getattr(self, f'{split}_json')
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def is_local_model(name: str) -> bool:
+    """A model name is a local dir when it exists, or is path-like (not `owner/name`)."""
+    return os.path.isdir(name) or not HUB_ID.match(name)
+
+
+# ------------------------------------------------------------------ loading
+
+def _type_name(tp) -> str:
+    return getattr(tp, '__name__', str(tp))
+
+
+def _check_type(key: str, value: Any, tp) -> Any:
+    """Return value coerced to tp (int -> float only), or raise ConfError naming key."""
+    origin = get_origin(tp)
+    if origin is Union:  # Optional[X]
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_type(key, value, args[0])
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfError(f'conf key "{key}": expected {_type_name(tp)}, got {type(value).__name__} {value!r}')
+    return value
+
+
+def _from_dict(cls, data: dict, prefix: str = ''):
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfError(f'unknown conf key "{prefix}{unknown[0]}" (known keys: {", ".join(fields)})')
+    kwargs = {}
+    for name, f in fields.items():
+        key = prefix + name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfError(f'missing conf key "{key}"')
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(data[name], dict):
+                raise ConfError(f'conf key "{key}": expected an object, got {type(data[name]).__name__}')
+            kwargs[name] = _from_dict(tp, data[name], prefix=key + '.')
+        else:
+            kwargs[name] = _check_type(key, data[name], tp)
+    return cls(**kwargs)
+
+
+def conf_from_dict(data: Any) -> Conf:
+    if not isinstance(data, dict):
+        raise ConfError(f'the conf must be a JSON object, got {type(data).__name__}')
+    return _from_dict(Conf, data)
+
+
+def read_conf(path: Union[str, Path]) -> Conf:
+    """Read and type-check a conf file (no file-system checks: see validate)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfError(f'conf file not found: {path}')
+    try:
+        data = json.loads(path.read_text(encoding='utf-8'))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfError(f'conf file {path} is not valid JSON: {e}') from None
+    return conf_from_dict(data)
+
+
+def apply_overrides(conf: Conf, **overrides) -> Conf:
+    """Replace fields with the CLI values that were given (None = not given), re-checking types."""
+    hints = get_type_hints(Conf)
+    changes = {k: _check_type(k, v, hints[k]) for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(conf, **changes)
+
+
+# ------------------------------------------------------------------ validation
+
+def validate(conf: Conf, splits=('train', 'val', 'test')) -> Conf:
+    """Value and file-system checks; raises ConfError naming the key. Writes nothing."""
+    positive = ['max_epochs', 'batch_size', 'beam_size', 'max_len', 'log_interval']
+    for key in positive:
+        if getattr(conf, key) < 1:
+            raise ConfError(f'conf key "{key}" must be at least 1, got {getattr(conf, key)}')
+    for key in ['num_workers', 'no_repeat_ngram_size']:
+        if getattr(conf, key) < 0:
+            raise ConfError(f'conf key "{key}" must not be negative, got {getattr(conf, key)}')
+    if not conf.lr > 0:
+        raise ConfError(f'conf key "lr" must be positive, got {conf.lr}')
+    if not 0 <= conf.warmup < 1:
+        raise ConfError(f'conf key "warmup" is a fraction of all steps, in [0, 1), got {conf.warmup}')
+    if conf.weight_decay < 0:
+        raise ConfError(f'conf key "weight_decay" must not be negative, got {conf.weight_decay}')
+    if not 0 <= conf.label_smoothing < 1:
+        raise ConfError(f'conf key "label_smoothing" must be in [0, 1), got {conf.label_smoothing}')
+    if conf.max_train_samples is not None and conf.max_train_samples < 1:
+        raise ConfError(f'conf key "max_train_samples" must be at least 1, got {conf.max_train_samples}')
+    if conf.checkpoint.interval < 1:
+        raise ConfError(f'conf key "checkpoint.interval" must be at least 1, got {conf.checkpoint.interval}')
+    if conf.checkpoint.max_checkpoint_num is not None and conf.checkpoint.max_checkpoint_num < 1:
+        raise ConfError('conf key "checkpoint.max_checkpoint_num" must be at least 1, '
+                        f'got {conf.checkpoint.max_checkpoint_num}')
+    for key in ['patch_image_size', 'max_image_size']:
+        v = getattr(conf, key)
+        if v is not None and v < 16:
+            raise ConfError(f'conf key "{key}" must be at least 16 pixels, got {v}')
+    if conf.patch_image_size and conf.max_image_size and conf.patch_image_size > conf.max_image_size:
+        raise ConfError(f'conf key "patch_image_size" ({conf.patch_image_size}) must not exceed '
+                        f'"max_image_size" ({conf.max_image_size})')
+    if conf.prompt:
+        try:
+            filled = conf.prompt.format('STYLE')
+        except (IndexError, KeyError, ValueError):
+            filled = None
+        if filled is None or conf.prompt.count('{}') != 1:
+            raise ConfError(f'conf key "prompt" must hold exactly one "{{}}" for the style, got {conf.prompt!r}')
+    if not conf.file_attr:
+        raise ConfError('conf key "file_attr" must not be empty (e.g. ".jpg")')
+    if not conf.work_dir:
+        raise ConfError('conf key "work_dir" must not be empty')
+    if os.path.exists(conf.work_dir) and not os.path.isdir(conf.work_dir):
+        raise ConfError(f'conf key "work_dir": {conf.work_dir} exists and is not a folder')
+
+    if conf.model_is_local:
+        if not os.path.isdir(conf.model_name):
+            raise ConfError(f'conf key "model_name": local model dir {conf.model_name} does not exist '
+                            '(a hub id looks like owner/name)')
+        if not os.path.isfile(os.path.join(conf.model_name, 'configuration.json')):
+            raise ConfError(f'conf key "model_name": {conf.model_name} has no configuration.json '
+                            '(not a ModelScope model dir)')
+    if not os.path.isdir(conf.img_addr):
+        raise ConfError(f'conf key "img_addr": folder {conf.img_addr} does not exist')
+    if not os.path.isdir(conf.dataset_path):
+        raise ConfError(f'conf key "dataset_path": folder {conf.dataset_path} does not exist')
+    for split in splits:
+        p = conf.split_path(split)
+        if not p.is_file():
+            raise ConfError(f'conf key "{split}_json": file {p} does not exist')
+    return conf

@@ -1,0 +1,73 @@
+"""``finetune.py eval``: caption the test split, score against all references, write the results."""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from typing import Optional
+
+from utils.runtime import unique_path, write_json_atomic
+
+logger = logging.getLogger(__name__)
+CSV_SETTINGS = ('tokenize_style', 'beam_size', 'max_len', 'no_repeat_ngram_size', 'patch_image_size')
+
+
+def evaluate(conf, checkpoint: Optional[str], stamp: str, n_samples: Optional[int] = None,
+             log_csv: Optional[str] = None) -> dict:
+    """Caption the test split (all of it, or the first n_samples rows) with {work_dir}/output, or with
+    the weights of a CheckpointHook checkpoint (prefix work_dir/iter_N), score, write eval_{time}.json."""
+    from utils.captioner import load_captioner
+    from utils.data import read_split
+    from utils.metrics import format_table, score
+
+    rows, stats = read_split(conf.split_path('test'), conf.img_addr, conf.file_attr, 'test',
+                             strict=conf.strict, limit=n_samples)
+    captioner = load_captioner(conf, checkpoint=checkpoint + '.pth' if checkpoint else None)
+    items = [{'style': r['style'], 'image': r['image']} for r in rows]
+    captions = captioner.caption(items, batch_size=conf.batch_size, num_workers=conf.num_workers)
+    metrics = score(captions, [r['references'] for r in rows])
+
+    model = captioner.model_dir
+    result = {
+        'mode': 'eval', 'time': stamp, 'model': model, 'checkpoint': checkpoint,
+        'settings': {k: getattr(conf, k) for k in CSV_SETTINGS},
+        'data': {'test': stats.to_dict()},
+        'metrics': metrics,
+        'predictions': [{'style': r['style'], 'image': r['image'], 'caption': c, 'references': r['references']}
+                        for r, c in zip(rows, captions)],
+    }
+    path = unique_path(conf.work_dir, 'eval', stamp)
+    write_json_atomic(path, result)
+    print(format_table(metrics))
+    logger.info('eval results: %s', path)
+    if log_csv:
+        append_csv_row(log_csv, {'time': stamp, 'model': model, 'checkpoint': checkpoint or '',
+                                      **result['settings'], 'n_samples': len(rows),
+                                      **{k: v for k, v in metrics.items() if k[0].isupper()}})
+        logger.info('metrics row appended to %s', log_csv)
+    return result
+
+
+def append_csv_row(path: str, row: dict) -> None:
+    """Append one row (header first if the file is new), all or nothing: the new file is written whole
+    under a temporary name, then renamed over the old one."""
+    old = ''
+    if os.path.isfile(path):
+        with open(path, encoding='utf-8', newline='') as f:
+            old = f.read()
+    buf = io.StringIO()
+    fields = list(row)
+    if old:
+        header = next(csv.reader([old.splitlines()[0]]))
+        fields = header + [k for k in row if k not in header]
+        if fields != header:
+            raise ValueError(f'{path}: its columns ({", ".join(header)}) lack {", ".join(fields[len(header):])}')
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction='ignore')
+    if not old:
+        writer.writeheader()
+    writer.writerow({k: ('' if v is None else v) for k, v in row.items()})
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w', encoding='utf-8', newline='') as f:
+        f.write(old + ('' if not old or old.endswith('\n') else '\n') + buf.getvalue())
+    os.replace(tmp, path)

@@ -1,0 +1,370 @@
+"""Caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE) computed with pycocoevalcap.
+
+The flow is pycocoevalcap's own ``COCOEvalCap.evaluate``: every prediction and every
+reference goes through pycocoevalcap's ``PTBTokenizer`` (fed ``{id: [{"caption": text}]}``),
+then each scorer's ``compute_score(gts, res)`` runs once over all samples. Metric names and
+values are pycocoevalcap's own: ``Bleu_1`` .. ``Bleu_4``, ``METEOR``, ``ROUGE_L``, ``CIDEr``,
+``SPICE`` on its native scale (0-1; CIDEr-D as pycocoevalcap computes it may exceed 1).
+Only :func:`format_table` multiplies by 100 for display.
+
+SPICE needs Stanford CoreNLP 3.6.0 jars that pycocoevalcap downloads on first use. Their
+absence is detected before SPICE is touched, so no download is attempted; SPICE is then
+reported as ``None`` with a ``spice_status`` line giving the command that installs the jars.
+
+Command line::
+
+    python -m utils.metrics INFERENCE_JSON [-o OUT.json] [--no-spice]
+
+Java must be on PATH (the PTB tokenizer, METEOR and SPICE are Java programs).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterator, Optional
+
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.spice import get_stanford_models as _stanford_models
+from pycocoevalcap.spice.spice import Spice
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+logger = logging.getLogger(__name__)
+
+BLEU_NAMES = ('Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4')
+METRIC_NAMES = BLEU_NAMES + ('METEOR', 'ROUGE_L', 'CIDEr', 'SPICE')
+SPICE_INSTALL_COMMAND = ('python -c "from pycocoevalcap.spice.get_stanford_models '
+                         'import get_stanford_models; get_stanford_models()"')
+SPICE_SKIPPED = 'SPICE skipped (not requested)'
+SPICE_COMPUTED = 'SPICE computed'
+
+# Characters that end a line for Java's PTBTokenizer or for str.splitlines(). pycocoevalcap
+# only replaces '\n'; any other one (e.g. '\r', '\u2028') splits a caption in two and shifts
+# every later caption onto the wrong sample, so all of them become spaces.
+_LINE_BREAKS = str.maketrans({ch: ' ' for ch in '\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029'})
+
+
+# ---------------------------------------------------------------- SPICE detection
+
+def spice_jar_paths() -> list[str]:
+    """Paths of the two Stanford CoreNLP 3.6.0 jars that SPICE needs (inside pycocoevalcap)."""
+    lib = os.path.join(_stanford_models.SPICEDIR, _stanford_models.SPICELIB)
+    return [os.path.join(lib, f'{_stanford_models.JAR}{suffix}.jar') for suffix in ('', '-models')]
+
+
+def missing_spice_jars() -> list[str]:
+    """The SPICE CoreNLP jars that are not installed (empty when SPICE can run)."""
+    return [path for path in spice_jar_paths() if not os.path.isfile(path)]
+
+
+def spice_unavailable_reason() -> Optional[str]:
+    """Why SPICE cannot run (with the command that fixes it), or None if its jars are present."""
+    missing = missing_spice_jars()
+    if not missing:
+        return None
+    names = ', '.join(os.path.basename(p) for p in missing)
+    return (f'SPICE unavailable: Stanford CoreNLP jars missing ({names} in '
+            f'{os.path.dirname(missing[0])}); install them (needs network) with: '
+            f'{SPICE_INSTALL_COMMAND}')
+
+
+def _first_line(exc: BaseException) -> str:
+    """Exception type plus the first non-empty line of its message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f'{type(exc).__name__}: {lines[0]}' if lines else type(exc).__name__
+
+
+def _spice_score(gts: dict, res: dict, spice: Optional[bool]) -> tuple[Optional[float], str]:
+    """(SPICE value or None, status line). Never raises and never triggers the jar download."""
+    if spice is False:
+        return None, SPICE_SKIPPED
+    reason = spice_unavailable_reason()
+    if reason is not None:
+        if spice:
+            logger.warning('%s', reason)
+        return None, reason
+    logger.info('computing SPICE on %d samples', len(res))
+    try:
+        value, _ = Spice().compute_score(gts, res)
+        value = float(value)
+    except Exception as exc:  # noqa: BLE001 - SPICE must never take the other metrics down
+        logger.warning('SPICE failed: %s', exc)
+        return None, f'SPICE unavailable: SPICE failed at run time: {_first_line(exc)}'
+    if not math.isfinite(value):
+        return None, 'SPICE unavailable: SPICE returned no score (NaN)'
+    return value, SPICE_COMPUTED
+
+
+# ---------------------------------------------------------------- tokenising and scoring
+
+def _check_inputs(predictions: list[str], references: list[list[str]]) -> None:
+    """Raise ValueError unless there is >= 1 sample, one prediction each, each with >= 1 reference."""
+    if isinstance(predictions, str) or isinstance(references, str):
+        raise ValueError('predictions must be a list of strings and references a list of lists of strings')
+    if len(predictions) != len(references):
+        raise ValueError(f'got {len(predictions)} predictions but {len(references)} reference lists; '
+                         'need exactly one reference list per prediction')
+    if not predictions:
+        raise ValueError('no samples to score: predictions and references are empty')
+    for i, (pred, refs) in enumerate(zip(predictions, references)):
+        if not isinstance(pred, str):
+            raise ValueError(f'prediction {i} must be a string, got {type(pred).__name__}')
+        if isinstance(refs, str) or not isinstance(refs, (list, tuple)):
+            raise ValueError(f'references[{i}] must be a list of strings, got {type(refs).__name__}')
+        if not refs:
+            raise ValueError(f'references[{i}] is empty: every prediction needs at least one reference')
+        if not all(isinstance(r, str) for r in refs):
+            raise ValueError(f'references[{i}] must contain only strings')
+
+
+def _require_java() -> None:
+    """pycocoevalcap's tokenizer and METEOR shell out to `java`; fail clearly without it."""
+    if shutil.which('java') is None:
+        raise RuntimeError('`java` not found on PATH: pycocoevalcap\'s PTB tokenizer and METEOR need a Java runtime')
+
+
+def _as_coco(texts_per_sample: list[list[str]]) -> dict:
+    """{sample index: [{"caption": text}, ...]}, the input PTBTokenizer.tokenize expects."""
+    return {i: [{'caption': t.translate(_LINE_BREAKS)} for t in texts]
+            for i, texts in enumerate(texts_per_sample)}
+
+
+def tokenize(predictions: list[str], references: list[list[str]]) -> tuple[dict, dict]:
+    """(gts, res) as COCOEvalCap builds them: PTB-tokenised, lower-cased, punctuation removed.
+
+    gts maps sample index -> list of tokenised references, res maps it -> [tokenised prediction].
+    """
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize(_as_coco(references))
+    res = tokenizer.tokenize(_as_coco([[p] for p in predictions]))
+    aligned = (list(gts) == list(range(len(references))) and list(res) == list(range(len(predictions)))
+               and all(len(gts[i]) == len(refs) for i, refs in enumerate(references)))
+    if not aligned:
+        raise RuntimeError('pycocoevalcap\'s PTB tokenizer returned output that does not line up with the input')
+    return gts, res
+
+
+@contextlib.contextmanager
+def _meteor_scorer() -> Iterator[Meteor]:
+    """Start pycocoevalcap's METEOR (a Java process, ~10 s to load) and always stop it afterwards."""
+    meteor = Meteor()
+    try:
+        yield meteor
+    finally:
+        _stop_meteor(meteor)
+
+
+def _stop_meteor(meteor: Meteor) -> None:
+    """End METEOR's Java process now. Meteor.compute_score keeps its lock if it raised, and
+    Meteor.__del__ would then block forever, so the lock is released first."""
+    if meteor.lock.locked():
+        meteor.lock.release()
+    with contextlib.suppress(OSError):
+        meteor.meteor_p.stdin.close()
+    meteor.meteor_p.kill()
+    meteor.meteor_p.wait()
+
+
+def _standard_scores(gts: dict, res: dict, meteor: Meteor) -> dict:
+    """BLEU-1..4, ROUGE-L, CIDEr and METEOR, each scorer called once over all samples."""
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)  # verbose=1 (the default) prints to stdout
+    scores = dict(zip(BLEU_NAMES, bleu))
+    scores['ROUGE_L'], _ = Rouge().compute_score(gts, res)
+    scores['CIDEr'], _ = Cider().compute_score(gts, res)
+    scores['METEOR'], _ = meteor.compute_score(gts, res)
+    return {name: float(value) for name, value in scores.items()}
+
+
+def score(predictions: list[str], references: list[list[str]], spice: Optional[bool] = None) -> dict:
+    """Score one prediction per sample against all of that sample's references.
+
+    Args:
+        predictions: the generated caption of each sample.
+        references: for each sample, its 1..N reference captions (all of them count).
+        spice: None = compute SPICE if its CoreNLP jars are installed, else report it
+            unavailable; False = skip it; True = compute it (still None, with a warning,
+            if the jars are missing - they are never downloaded from here).
+
+    Returns:
+        ``{"Bleu_1": .., "Bleu_2": .., "Bleu_3": .., "Bleu_4": .., "METEOR": .., "ROUGE_L": ..,
+        "CIDEr": .., "SPICE": float or None, "n_samples": int, "spice_status": str}`` with
+        corpus-level values on pycocoevalcap's native scale (0-1, not x100). SPICE is None
+        (never 0) when it was skipped or could not run; spice_status says why.
+
+    Raises:
+        ValueError: lengths differ, a reference list is empty, or there are no samples.
+        RuntimeError: Java is missing or the tokenizer output does not line up.
+    """
+    _check_inputs(predictions, references)
+    _require_java()
+    n = len(predictions)
+    logger.info('scoring %d predictions against %d references', n, sum(len(r) for r in references))
+    with _meteor_scorer() as meteor:  # METEOR loads in the background while the rest runs
+        gts, res = tokenize(predictions, references)
+        values = _standard_scores(gts, res, meteor)
+    values['SPICE'], spice_status = _spice_score(gts, res, spice)
+    result = {name: values[name] for name in METRIC_NAMES}
+    result.update(n_samples=n, spice_status=spice_status)
+    return result
+
+
+def format_table(metrics: dict) -> str:
+    """A two-column text table of the metrics x100 with one decimal (as Personality-Captions
+    reports them); SPICE shows "n/a" plus its status line when it has no value."""
+    lines = ['metric     score (x100)']
+    if metrics.get('n_samples') is not None:
+        lines[0] += f'   n={metrics["n_samples"]}'
+    for name in METRIC_NAMES:
+        if name not in metrics:
+            continue
+        value = metrics[name]
+        lines.append(f'{name:<10} {"n/a" if value is None else f"{100 * value:.1f}":>12}')
+    if metrics.get('SPICE', 0) is None and metrics.get('spice_status'):
+        lines.append(metrics['spice_status'])
+    return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------- command line
+
+class InputError(Exception):
+    """A problem with the inference file, reported as one `error:` line."""
+
+
+def _read_json(path: str):
+    """Parsed JSON of path, or InputError naming the file."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise InputError(f'{path}: no such file') from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f'{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})') from None
+    except UnicodeDecodeError:
+        raise InputError(f'{path}: not valid UTF-8 text') from None
+    except OSError as exc:
+        raise InputError(f'{path}: cannot read ({exc.strerror or exc})') from None
+
+
+def _row_references(row: dict, where: str) -> Optional[list[str]]:
+    """The row's non-blank references, or None when it has none (missing, null, "" or [])."""
+    ref = row.get('reference')
+    if isinstance(ref, str):
+        refs = [ref]
+    elif ref is None or isinstance(ref, list):
+        refs = ref or []
+        if not all(isinstance(r, str) for r in refs):
+            raise InputError(f'{where}: "reference" list must contain only strings')
+    else:
+        raise InputError(f'{where}: "reference" must be a string or a list of strings, got {type(ref).__name__}')
+    refs = [r for r in refs if r.strip()]
+    return refs or None
+
+
+def load_inference(path: str) -> tuple[list[str], list[list[str]], int]:
+    """(predictions, references, n_skipped) from an inference JSON file.
+
+    The file is ``{"model_name", "model_revision", "n_eval_sample", "results": [{"style",
+    "image", "caption", "reference"}, ...]}`` with "reference" a string or a list of strings.
+    Rows without a reference are skipped and counted. Rows are numbered from 1 in messages.
+    Raises InputError for a malformed file.
+    """
+    data = _read_json(path)
+    results = data.get('results') if isinstance(data, dict) else None
+    if not isinstance(results, list):
+        raise InputError(f'{path}: expected a JSON object with a "results" list')
+    predictions, references, skipped = [], [], 0
+    for i, row in enumerate(results):
+        where = f'{path}: results row {i + 1} (results[{i}])'
+        if not isinstance(row, dict):
+            raise InputError(f'{where}: expected an object, got {type(row).__name__}')
+        caption = row.get('caption')
+        if not isinstance(caption, str):
+            got = 'nothing' if caption is None else type(caption).__name__
+            raise InputError(f'{where}: "caption" must be a string, got {got}')
+        refs = _row_references(row, where)
+        if refs is None:
+            skipped += 1
+            continue
+        predictions.append(caption)
+        references.append(refs)
+    if not predictions:
+        raise InputError(f'{path}: none of the {len(results)} results rows has a reference to score against')
+    return predictions, references, skipped
+
+
+def default_output_path(input_path: str) -> str:
+    """<input dir>/<input stem>_metrics.json."""
+    p = Path(input_path)
+    return str(p.with_name(f'{p.stem}_metrics.json'))
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+    """Write payload to path via path + '.tmp' and os.replace, so readers never see half a file."""
+    tmp = path + '.tmp'
+    try:
+        with open(tmp, 'w', encoding='utf-8') as f:
+            json.dump(payload, f, indent=2, ensure_ascii=False)
+            f.write('\n')
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='python -m utils.metrics',
+        description='Score an inference JSON file with pycocoevalcap (BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE).')
+    parser.add_argument('inference_json', help='inference file with a "results" list of {caption, reference, ...}')
+    parser.add_argument('-o', '--output', help='metrics JSON to write (default: <input stem>_metrics.json beside the input)')
+    parser.add_argument('--no-spice', action='store_true', help='skip SPICE even if its jars are installed')
+    return parser
+
+
+def _error(message: str) -> None:
+    print(f'error: {" ".join(message.split())}', file=sys.stderr)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """CLI entry point; returns the exit code (0 ok, 2 bad input, 1 scoring/writing failed)."""
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+    path = args.inference_json
+    try:
+        predictions, references, skipped = load_inference(path)
+    except InputError as exc:
+        _error(str(exc))
+        return 2
+    if skipped:
+        logger.warning('%s: skipped %d of %d rows that have no reference', path, skipped, skipped + len(predictions))
+    try:
+        metrics = score(predictions, references, spice=False if args.no_spice else None)
+    except (RuntimeError, ValueError, OSError) as exc:
+        _error(f'{path}: scoring failed: {_first_line(exc)}')
+        return 1
+    out = args.output or default_output_path(path)
+    payload = {'input': path, 'metrics': metrics, 'n_scored': len(predictions), 'n_skipped': skipped}
+    try:
+        write_json_atomic(out, payload)
+    except OSError as exc:
+        _error(f'{out}: cannot write metrics ({exc.strerror or exc})')
+        return 1
+    print(format_table(metrics))
+    logger.info('scored %d rows (%d skipped without a reference); metrics written to %s',
+                len(predictions), skipped, out)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

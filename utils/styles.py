@@ -1,0 +1,81 @@
+"""Styles (personalities) and the style -> prompt map that travels with a trained model.
+
+With ``tokenize_style`` each style is written into the prompt as its own token. We reuse OFA's
+``<code_k>`` image-code tokens, as the original project did: they already sit in every OFA vocabulary
+and embedding matrix (the preprocessor adds 8192 of them) and a captioning model never generates
+them, so no embedding resize is needed and a stock ModelScope model dir stays loadable. Without
+``tokenize_style`` the style word itself goes into the prompt.
+
+The map is saved as ``style_map.json`` in the trained model dir and reloaded from there at inference.
+Styles match exactly: no case folding or trimming on one side only.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List
+
+STYLE_MAP_FILE = 'style_map.json'
+MAX_STYLE_TOKENS = 8192
+
+
+class UnknownStyleError(KeyError):
+    def __init__(self, style: str, known: Iterable[str]):
+        near = difflib.get_close_matches(style, list(known), n=3, cutoff=0.5)
+        hint = f'; nearest known: {", ".join(repr(s) for s in near)}' if near else ''
+        super().__init__(f'unknown style {style!r} (the model was trained with {len(list(known))} styles{hint})')
+        self.style = style
+        self.nearest = near
+
+    def __str__(self):
+        return self.args[0]
+
+
+@dataclass
+class StyleMap:
+    tokenize_style: bool
+    prompt: str                     # template with one "{}"
+    tokens: Dict[str, str]          # style -> what goes into the prompt
+
+    @classmethod
+    def build(cls, styles: List[str], tokenize_style: bool, prompt: str) -> 'StyleMap':
+        if len(set(styles)) != len(styles):
+            raise ValueError('duplicate styles in the style list')
+        if tokenize_style and len(styles) > MAX_STYLE_TOKENS:
+            raise ValueError(f'{len(styles)} styles, more than the {MAX_STYLE_TOKENS} <code_k> tokens')
+        tokens = {s: (f'<code_{i}>' if tokenize_style else s) for i, s in enumerate(styles)}
+        return cls(tokenize_style=tokenize_style, prompt=prompt, tokens=tokens)
+
+    @property
+    def styles(self) -> List[str]:
+        return list(self.tokens)
+
+    def check(self, style: str) -> None:
+        if style not in self.tokens:
+            raise UnknownStyleError(style, self.tokens)
+
+    def prompt_for(self, style: str) -> str:
+        self.check(style)
+        return self.prompt.format(self.tokens[style])
+
+    # -------------------------------------------------------------- persistence
+    def to_dict(self) -> dict:
+        return {'tokenize_style': self.tokenize_style, 'prompt': self.prompt, 'tokens': self.tokens}
+
+    def save(self, model_dir) -> Path:
+        path = Path(model_dir) / STYLE_MAP_FILE
+        tmp = path.with_suffix('.json.tmp')
+        tmp.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False), encoding='utf-8')
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, model_dir) -> 'StyleMap':
+        path = Path(model_dir) / STYLE_MAP_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f'{path} not found: {model_dir} is not a model trained by this toolkit '
+                                    '(no style map)')
+        data = json.loads(path.read_text(encoding='utf-8'))
+        return cls(tokenize_style=bool(data['tokenize_style']), prompt=data['prompt'], tokens=dict(data['tokens']))
