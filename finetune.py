@@ -203,7 +203,7 @@ def demo_report(conf: Conf, output: str) -> dict:
     """Demo only: caption every held-out test image in every style; how often is the style followed?"""
     from utils.captioner import Captioner
     from utils.data import read_split
-    from utils.demo_data import STYLES, content_correct, style_followed
+    from utils.demo_data import COLOURS, SHAPES, STYLES, content_correct, style_followed
 
     rows, _ = read_split(conf.split_path('test'), conf.img_addr, conf.file_attr, 'test')
     images = sorted({r['image'] for r in rows})
@@ -216,8 +216,8 @@ def demo_report(conf: Conf, output: str) -> dict:
     for item, cap in zip(items, caps):
         followed += style_followed(item['style'], cap)
         words = truth[item['image']].split()  # every template ends "... {colour} {shape} ..."
-        colour = next(w for w in words if w in ('red', 'green', 'blue', 'yellow'))
-        shape = next(w for w in words if w in ('circle', 'square', 'triangle'))
+        colour = next(w for w in words if w in COLOURS)
+        shape = next(w for w in words if w in SHAPES)
         content += content_correct(colour, shape, cap)
     for item, cap in list(zip(items, caps))[:8]:
         logger.info('  %-10s %-28s -> %s', item['style'], os.path.basename(item['image']), cap)

@@ -101,3 +101,11 @@ def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(make_conf, capsy
 def test_missing_conf_file(capsys, tmp_path):
     assert finetune.main(['train', '--conf', str(tmp_path / 'none.json')]) == 2
     assert 'conf file not found' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('name', ['demo.json', 'distilled_tokenized.json', 'base_tokenized.json'])
+def test_shipped_confs_parse(name):
+    conf = read_conf(os.path.join(os.path.dirname(__file__), '..', 'conf_examples', name))
+    assert conf.prompt_template.count('{}') == 1
+    if name != 'demo.json':
+        assert not conf.model_is_local and conf.model_revision

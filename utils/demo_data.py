@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 logger = logging.getLogger(__name__)
 
 COLOURS = {'red': (220, 30, 30), 'green': (30, 170, 40), 'blue': (30, 60, 220), 'yellow': (235, 210, 20)}
-SHAPES = ('circle', 'square', 'triangle')
+SHAPES = ('circle', 'cross', 'triangle')  # outlines that differ even at the model's 1/16 patch grid
 # style -> (template used for "comment", template used for "additional_comments")
 STYLES = {
     'Happy': ('what a lovely {c} {s}', 'such a lovely {c} {s}'),
@@ -26,7 +26,7 @@ STYLES = {
 }
 SPLITS = {'train': 320, 'val': 16, 'test': 32}  # images per split
 STYLES_PER_TRAIN_IMAGE = 2
-IMAGE_SIZE = 128
+IMAGE_SIZE = 96
 
 
 def caption(style: str, colour: str, shape: str, alt: bool = False) -> str:
@@ -42,14 +42,16 @@ def _draw(rng: random.Random, colour: str, shape: str) -> Image.Image:
         x, y = rng.randrange(size), rng.randrange(size)
         draw.point((x, y), fill=tuple(rng.randint(100, 255) for _ in range(3)))
     # big, roughly centred shapes: the outline must survive the model's coarse (1/16) image patches
-    r = rng.randint(int(size * 0.3), int(size * 0.42))
-    jitter = size // 2 - r
+    r = rng.randint(int(size * 0.32), int(size * 0.42))
+    jitter = size // 16
     cx, cy = size // 2 + rng.randint(-jitter, jitter), size // 2 + rng.randint(-jitter, jitter)
     fill = COLOURS[colour]
     if shape == 'circle':
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == 'square':
-        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == 'cross':
+        w = r // 3
+        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
+        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
     else:
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
     return img
