@@ -6,21 +6,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
-import re
 import sys
-from pathlib import Path
 from typing import List, Optional
 
-from utils.conf import Conf, ConfError, apply_overrides, read_conf, validate
-from utils.data import DataError
-from utils.styles import UnknownStyleError
+from utils.checkpointing import WorkDirLock, resolve_checkpoint
+from utils.conf import Conf, apply_overrides, read_conf, validate
 
 logger = logging.getLogger('finetune')
-EXIT_USAGE = 2
 OUTPUT_DIR = 'output'
-CKPT_NAME = re.compile(r'^(iter|epoch)_(\d+)\.pth$')
 
 
 # ---------------------------------------------------------------- command line
@@ -44,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument('--max_image_size', type=int, help='conf: max_image_size')
         p.add_argument('--strict', action='store_const', const=True,
                        help='a bad data row stops the run instead of being skipped and counted')
+        p.add_argument('--debug', action='store_true', help='show the traceback of an error')
     train.add_argument('-e', '--max_epoches', '--max_epochs', dest='max_epochs', type=int,
                        help='epochs to train (conf: max_epochs)')
     train.add_argument('--lr', type=float, help='peak learning rate (conf: lr)')
@@ -74,33 +71,6 @@ def load_conf(args) -> Conf:
         from utils.demo_data import ensure_demo_assets
         ensure_demo_assets(conf.model_name, conf.dataset_path, conf.img_addr, conf.patch_image_size or 64)
     return validate(conf, splits=('train',) if args.mode == 'train' else ('test',))
-
-
-# ---------------------------------------------------------------- checkpoints
-
-def resolve_checkpoint(arg: Optional[str], work_dir: str) -> Optional[str]:
-    """A CheckpointHook checkpoint prefix (work_dir/iter_N) from a prefix, its .pth file, or "latest"."""
-    if arg is None:
-        return None
-    if arg == 'latest':
-        found = []
-        if os.path.isdir(work_dir):
-            for name in os.listdir(work_dir):
-                m = CKPT_NAME.match(name)
-                if m and os.path.isfile(os.path.join(work_dir, f'{m[1]}_{m[2]}_trainer_state.pth')):
-                    found.append((os.path.getmtime(os.path.join(work_dir, name)), int(m[2]), name[:-4]))
-        if not found:
-            raise ConfError(f'-p latest: no checkpoint (iter_N.pth + iter_N_trainer_state.pth) in {work_dir}')
-        prefix = os.path.join(work_dir, max(found)[2])
-        logger.info('resuming from the newest checkpoint: %s', prefix)
-        return prefix
-    prefix = arg[:-4] if arg.endswith('.pth') else arg
-    if not os.path.isfile(prefix + '.pth'):
-        raise ConfError(f'checkpoint {arg}: {prefix}.pth does not exist')
-    if not os.path.isfile(prefix + '_trainer_state.pth'):
-        raise ConfError(f'checkpoint {arg} is not a CheckpointHook checkpoint: '
-                        f'{prefix}_trainer_state.pth does not exist')
-    return prefix
 
 
 # ---------------------------------------------------------------- train
@@ -160,6 +130,7 @@ def build_trainer(conf: Conf, rows: List[dict], style_map, model_dir: str):
     from modelscope.trainers.multi_modal.ofa.ofa_trainer import OFATrainer
 
     from preprocessors import OfaPreprocessorForStylishIC
+    from utils.atomic_checkpoint import use_atomic_checkpoints
     from utils.dataset import StylishCaptionDataset
     from utils.runtime import no_hub_check_for_local_model
 
@@ -170,9 +141,11 @@ def build_trainer(conf: Conf, rows: List[dict], style_map, model_dir: str):
     }
     dataset = StylishCaptionDataset(rows, preprocessor['train'])
     with no_hub_check_for_local_model(conf.model_is_local):
-        return OFATrainer(model=conf.model_name, model_revision=conf.model_revision,
-                          cfg_modify_fn=make_cfg_modify_fn(conf), train_dataset=dataset,
-                          preprocessor=preprocessor, work_dir=conf.work_dir, seed=conf.seed)
+        trainer = OFATrainer(model=conf.model_name, model_revision=conf.model_revision,
+                             cfg_modify_fn=make_cfg_modify_fn(conf), train_dataset=dataset,
+                             preprocessor=preprocessor, work_dir=conf.work_dir, seed=conf.seed)
+    use_atomic_checkpoints(trainer)
+    return trainer
 
 
 def train(conf: Conf, checkpoint: Optional[str], stamp: str) -> dict:
@@ -195,6 +168,8 @@ def train(conf: Conf, checkpoint: Optional[str], stamp: str) -> dict:
     summary = {'mode': 'train', 'time': stamp, 'checkpoint': checkpoint, 'output': output,
                'conf': conf.to_dict(), 'data': {'train': stats.to_dict()}, 'styles': len(styles),
                'iterations': trainer.iter}
+    if conf.demo:
+        summary['demo'] = demo_report(conf, output)
     write_json_atomic(os.path.join(conf.work_dir, f'train_{stamp}.json'), summary)
     return summary
 
@@ -230,32 +205,32 @@ def demo_report(conf: Conf, output: str) -> dict:
 # ---------------------------------------------------------------- helpers
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from utils.runtime import log_to_file, setup_logging, timestamp, write_json_atomic
+    from utils.runtime import log_to_file, run_reporting_errors, setup_logging, timestamp
 
     args = build_parser().parse_args(argv)
     setup_logging()
     stamp = timestamp()
-    try:
+
+    def prepare():
         conf = load_conf(args)
-        checkpoint = resolve_checkpoint(args.checkpoint, conf.work_dir)
-    except (ConfError, DataError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return EXIT_USAGE
-    os.makedirs(conf.work_dir, exist_ok=True)
-    log_to_file(os.path.join(conf.work_dir, f'{args.mode}_{stamp}.log'))
-    try:
-        if args.mode == 'train':
-            summary = train(conf, checkpoint, stamp)
-            if conf.demo:
-                summary['demo'] = demo_report(conf, summary['output'])
-                write_json_atomic(os.path.join(conf.work_dir, f'train_{stamp}.json'), summary)
-        else:
-            from utils.evaluate import evaluate
-            evaluate(conf, checkpoint, stamp, n_samples=args.n_samples, log_csv=args.log_csv)
-    except (ConfError, DataError, UnknownStyleError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return EXIT_USAGE
-    return 0
+        return conf, resolve_checkpoint(args.checkpoint, conf.work_dir)
+
+    prepared = run_reporting_errors(prepare, debug=args.debug)
+    if isinstance(prepared, int):
+        return prepared
+    conf, checkpoint = prepared
+
+    def run():
+        lock = WorkDirLock(conf.work_dir) if args.mode == 'train' else contextlib.nullcontext()
+        with lock, log_to_file(os.path.join(conf.work_dir, f'{args.mode}_{stamp}.log')):
+            if args.mode == 'train':
+                train(conf, checkpoint, stamp)
+            else:
+                from utils.evaluate import evaluate
+                evaluate(conf, checkpoint, stamp, n_samples=args.n_samples, log_csv=args.log_csv)
+        return 0
+
+    return run_reporting_errors(run, debug=args.debug)
 
 
 if __name__ == '__main__':

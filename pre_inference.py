@@ -20,7 +20,6 @@ from utils.data import DataError, check_image, image_path, read_split
 from utils.styles import UnknownStyleError
 
 logger = logging.getLogger('pre_inference')
-EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--beam_size', type=int, help='conf: beam_size')
     p.add_argument('--max_len', type=int, help='conf: max_len')
     p.add_argument('--no_repeat_ngram_size', type=int, help='conf: no_repeat_ngram_size')
+    p.add_argument('--debug', action='store_true', help='show the traceback of an error')
     return p
 
 
@@ -93,30 +93,32 @@ def json_items(path: str, conf) -> List[dict]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from utils.runtime import setup_logging, timestamp, unique_path, write_json_atomic
+    from utils.runtime import run_reporting_errors, setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging()
-    try:
-        conf = apply_overrides(read_conf(args.conf), batch_size=args.batch_size, num_workers=args.num_workers,
-                               beam_size=args.beam_size, max_len=args.max_len,
-                               no_repeat_ngram_size=args.no_repeat_ngram_size)
-        validate(conf, splits=() if args.json else ('test',))
-        if args.n_samples is not None and args.n_samples < 1:
-            raise ConfError(f'-n must be at least 1, got {args.n_samples}')
-        items = json_items(args.json, conf) if args.json else test_items(conf, args.n_samples, args.random)
+    return run_reporting_errors(lambda: run(args), debug=args.debug)
 
-        from utils.captioner import load_captioner
-        captioner = load_captioner(conf, args.model)
-        for i, item in enumerate(items):  # fail before any work, naming the row
-            try:
-                captioner.style_map.check(item['style'])
-            except UnknownStyleError as e:
-                raise ConfError(f'{"-j file " + args.json if args.json else "test split"}, row {i}: {e}') from None
-        captions = captioner.caption(items, batch_size=conf.batch_size, num_workers=conf.num_workers)
-    except (ConfError, DataError, UnknownStyleError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return EXIT_USAGE
+
+def run(args) -> int:
+    from utils.runtime import timestamp, unique_path, write_json_atomic
+
+    conf = apply_overrides(read_conf(args.conf), batch_size=args.batch_size, num_workers=args.num_workers,
+                           beam_size=args.beam_size, max_len=args.max_len,
+                           no_repeat_ngram_size=args.no_repeat_ngram_size)
+    validate(conf, splits=() if args.json else ('test',))
+    if args.n_samples is not None and args.n_samples < 1:
+        raise ConfError(f'-n must be at least 1, got {args.n_samples}')
+    items = json_items(args.json, conf) if args.json else test_items(conf, args.n_samples, args.random)
+
+    from utils.captioner import load_captioner
+    captioner = load_captioner(conf, args.model)
+    for i, item in enumerate(items):  # fail before any work, naming the row
+        try:
+            captioner.style_map.check(item['style'])
+        except UnknownStyleError as e:
+            raise ConfError(f'{"-j file " + args.json if args.json else "test split"}, row {i}: {e}') from None
+    captions = captioner.caption(items, batch_size=conf.batch_size, num_workers=conf.num_workers)
 
     results = []
     for item, cap in zip(items, captions):

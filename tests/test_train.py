@@ -1,12 +1,12 @@
 """End to end: finetune.py train on the tiny model with ModelScope's real OFATrainer."""
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 import finetune
+from utils.conf import ConfError
 from conftest import read_log_json
 
 
@@ -60,5 +60,5 @@ def test_latest_checkpoint_is_found(trained):
 def test_checkpoint_without_trainer_state_is_refused(trained, tmp_path):
     lone = tmp_path / 'iter_1.pth'
     lone.write_bytes((trained[1] / 'iter_3.pth').read_bytes())
-    with pytest.raises(finetune.ConfError, match='not a CheckpointHook checkpoint'):
+    with pytest.raises(ConfError, match='not a CheckpointHook checkpoint'):
         finetune.resolve_checkpoint(str(lone), '')

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 logger = logging.getLogger(__name__)
 LOG_FORMAT = '%(asctime)s %(levelname)s %(name)s: %(message)s'
@@ -35,24 +35,70 @@ def write_json_atomic(path: str, data) -> None:
     os.replace(tmp, path)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (it may be replaced, e.g. by a test harness)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Console logging for the toolkit's own modules (ModelScope keeps its own handlers)."""
     root = logging.getLogger()
-    if not any(getattr(h, '_stylish', False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter(LOG_FORMAT, '%H:%M:%S'))
-        handler._stylish = True
         root.addHandler(handler)
     root.setLevel(level)
 
 
-def log_to_file(path: str) -> logging.Handler:
-    """Also write the toolkit's log lines to path (in work_dir)."""
+@contextlib.contextmanager
+def log_to_file(path: str):
+    """While in the block, also write the toolkit's log lines to path (in work_dir)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     handler = logging.FileHandler(path, encoding='utf-8')
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    logging.getLogger().addHandler(handler)
-    return handler
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+EXIT_USAGE = 2   # bad input: conf, data, checkpoint, style, model dir
+EXIT_FAILURE = 1  # anything else
+
+
+def run_reporting_errors(fn: Callable, debug: bool = False):
+    """fn() for an entry point: bad input becomes one line on stderr and exit 2, any other error one
+    line and exit 1; --debug lets the traceback through instead."""
+    from utils.conf import ConfError
+    from utils.data import DataError
+    from utils.styles import UnknownStyleError
+    try:
+        return fn()
+    except (ConfError, DataError, UnknownStyleError) as e:
+        if debug:
+            raise
+        print(f'error: {e}', file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print('error: interrupted', file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place that turns a crash into a message
+        if debug:
+            raise
+        logger.debug('unexpected error', exc_info=True)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        print(f'error: {type(e).__name__}: {first} (run again with --debug for the traceback)', file=sys.stderr)
+        return EXIT_FAILURE
 
 
 @contextlib.contextmanager

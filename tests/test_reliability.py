@@ -1,0 +1,92 @@
+"""Kills, locks, damaged checkpoints: the toolkit keeps working and loses nothing."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import finetune
+import pre_inference
+from conftest import ROOT, read_log_json
+from utils.checkpointing import WorkDirLock, checkpoints_in, resolve_checkpoint
+from utils.conf import ConfError
+
+
+def test_second_training_run_on_a_work_dir_in_use_is_refused(make_conf, capsys):
+    path = make_conf()
+    work_dir = json.loads(Path(path).read_text())['work_dir']
+    with WorkDirLock(work_dir):
+        before = sorted(os.listdir(work_dir))
+        assert finetune.main(['train', '--conf', path]) == 2
+        assert sorted(os.listdir(work_dir)) == before  # nothing written
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'is in use by another training run' in err[0] and str(os.getpid()) in err[0]
+    with WorkDirLock(work_dir):  # released: free again
+        pass
+
+
+def test_lock_of_a_killed_process_is_not_stuck(tmp_path):
+    code = f'import sys; sys.path.insert(0, {str(ROOT)!r}); from utils.checkpointing import WorkDirLock; ' \
+           f'l = WorkDirLock({str(tmp_path)!r}).__enter__(); print("locked", flush=True); import time; time.sleep(60)'
+    proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == 'locked'
+    with pytest.raises(ConfError, match='in use'):
+        WorkDirLock(str(tmp_path)).__enter__()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with WorkDirLock(str(tmp_path)):
+        pass
+
+
+def test_latest_skips_an_unreadable_newest_checkpoint(trained, tmp_path, caplog):
+    for n in (9, 12):
+        for suffix in ('.pth', '_trainer_state.pth'):
+            shutil.copy(trained[1] / f'iter_{n}{suffix}', tmp_path / f'iter_{n}{suffix}')
+    damaged = tmp_path / 'iter_12.pth'
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    os.utime(damaged)  # newest
+    assert [n for n, _ in checkpoints_in(str(tmp_path))][0] == 12
+    assert resolve_checkpoint('latest', str(tmp_path)) == str(tmp_path / 'iter_9')
+    assert 'skipping unreadable checkpoint' in caplog.text and 'iter_12' in caplog.text
+    with pytest.raises(ConfError, match='cannot be loaded'):
+        resolve_checkpoint(str(damaged), '')
+
+
+def test_kill_9_during_training_then_resume_latest_finishes(make_conf, tmp_path):
+    path = make_conf(max_epochs=4, checkpoint={'by_epoch': False, 'interval': 3, 'max_checkpoint_num': 2})
+    work = Path(json.loads(Path(path).read_text())['work_dir'])
+    proc = subprocess.Popen([sys.executable, str(ROOT / 'finetune.py'), 'train', '--conf', path],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (work / 'iter_9.pth').exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, 'training ended before it could be killed'
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(n for n, _ in checkpoints_in(str(work)))
+    assert 9 <= killed_at < 24
+    assert finetune.main(['train', '--conf', path, '-p', 'latest']) == 0
+    resumed = [e for e in read_log_json(work) if e.get('mode') == 'train']
+    assert resumed and len(resumed) == 24 - killed_at  # picks up right after the checkpoint
+    summary = json.loads(sorted(work.glob('train_*.json'), key=os.path.getmtime)[-1].read_text())
+    assert summary['iterations'] == 24
+    from modelscope.models import Model
+    Model.from_pretrained(str(work / 'output'))  # complete and loadable
+
+
+def test_unexpected_error_is_one_line_exit_1_and_debug_shows_it(trained, tmp_path, capsys):
+    broken = tmp_path / 'broken'
+    shutil.copytree(trained[1] / 'output', broken)
+    (broken / 'pytorch_model.bin').write_bytes(b'not torch')
+    assert pre_inference.main(['--conf', trained[0], '-m', str(broken), '-n', '1']) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 1 and 'OSError' in errors[0] and '--debug' in errors[0]
+    assert 'Traceback' not in err
+    with pytest.raises(Exception):
+        pre_inference.main(['--conf', trained[0], '-m', str(broken), '-n', '1', '--debug'])

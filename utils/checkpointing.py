@@ -1,0 +1,96 @@
+"""Finding checkpoints (the newest readable one for ``-p latest``) and one training run per work_dir.
+Writing them so that a kill never leaves a half-written one: utils/atomic_checkpoint.py."""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+from typing import List, Optional, Tuple
+
+from utils.conf import ConfError
+
+logger = logging.getLogger(__name__)
+CKPT_NAME = re.compile(r'^(iter|epoch)_(\d+)\.pth$')
+TRAINER_STATE = '_trainer_state.pth'
+LOCK_FILE = '.train.lock'
+
+
+def checkpoints_in(work_dir: str) -> List[Tuple[int, str]]:
+    """(number, prefix) of the complete CheckpointHook checkpoints in work_dir, newest first."""
+    found = []
+    if os.path.isdir(work_dir):
+        for name in os.listdir(work_dir):
+            m = CKPT_NAME.match(name)
+            prefix = os.path.join(work_dir, name[:-4])
+            if m and os.path.isfile(prefix + TRAINER_STATE):
+                found.append((os.path.getmtime(prefix + '.pth'), int(m[2]), prefix))
+    return [(n, prefix) for _, n, prefix in sorted(found, reverse=True)]
+
+
+def readable(prefix: str) -> Optional[str]:
+    """None if both files of a checkpoint load, else why not."""
+    import torch
+
+    from utils.runtime import trainer_state_loading
+    try:
+        torch.load(prefix + '.pth', map_location='cpu', weights_only=True)
+        with trainer_state_loading():
+            torch.load(prefix + TRAINER_STATE, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged file raises many kinds
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
+def resolve_checkpoint(arg: Optional[str], work_dir: str) -> Optional[str]:
+    """A checkpoint prefix (work_dir/iter_N) from a prefix, its .pth file, or "latest" (the newest
+    readable checkpoint in work_dir; unreadable newer ones are named and skipped)."""
+    if arg is None:
+        return None
+    if arg == 'latest':
+        for _, prefix in checkpoints_in(work_dir):
+            problem = readable(prefix)
+            if problem is None:
+                logger.info('resuming from the newest readable checkpoint: %s', prefix)
+                return prefix
+            logger.warning('skipping unreadable checkpoint %s: %s', prefix, problem)
+        raise ConfError(f'-p latest: no readable checkpoint (iter_N.pth + iter_N_trainer_state.pth) in {work_dir}')
+    prefix = arg[:-4] if arg.endswith('.pth') else arg
+    if not os.path.isfile(prefix + '.pth'):
+        raise ConfError(f'checkpoint {arg}: {prefix}.pth does not exist')
+    if not os.path.isfile(prefix + TRAINER_STATE):
+        raise ConfError(f'checkpoint {arg} is not a CheckpointHook checkpoint: '
+                        f'{prefix}{TRAINER_STATE} does not exist')
+    problem = readable(prefix)
+    if problem is not None:
+        raise ConfError(f'checkpoint {arg} cannot be loaded: {problem}')
+    return prefix
+
+
+class WorkDirLock:
+    """One training run per work_dir: an exclusive flock on work_dir/.train.lock. The kernel drops the
+    lock when the process ends, however it ends, so a killed run never leaves it stuck."""
+
+    def __init__(self, work_dir: str):
+        self.path = os.path.join(work_dir, LOCK_FILE)
+        self.fd = None
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors='replace').strip() or '?'
+            os.close(fd)
+            raise ConfError(f'work_dir {os.path.dirname(self.path)} is in use by another training run '
+                            f'(pid {holder}); wait for it to end or choose another work_dir') from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
