@@ -1,7 +1,6 @@
 """Reading Personality-Captions files."""
 import json
 import logging
-import shutil
 
 import pytest
 from PIL import Image
