@@ -148,21 +148,43 @@ def build_trainer(conf: Conf, rows: List[dict], style_map, model_dir: str):
     return trainer
 
 
-def train(conf: Conf, checkpoint: Optional[str], stamp: str) -> dict:
-    from utils.data import read_split, read_styles
-    from utils.runtime import trainer_state_loading, write_json_atomic
+def detach_file_logs(work_dir: str) -> None:
+    """ModelScope's trainer attaches a file handler for work_dir/{time}.log to its global logger; once
+    the run is over, later work in the same process must not keep writing into that run's log."""
+    root = os.path.abspath(work_dir)
+    log = logging.getLogger('modelscope')
+    for handler in list(log.handlers):
+        if isinstance(handler, logging.FileHandler) and os.path.abspath(handler.baseFilename).startswith(root):
+            log.removeHandler(handler)
+            handler.close()
+
+
+def read_data(conf: Conf, mode: str, n_samples: Optional[int] = None):
+    """The rows a run needs (train split, or test split for eval), read before anything is written."""
+    from utils.data import read_split
+    if mode == 'train':
+        return read_split(conf.split_path('train'), conf.img_addr, conf.file_attr, 'train',
+                          strict=conf.strict, limit=conf.max_train_samples)
+    return read_split(conf.split_path('test'), conf.img_addr, conf.file_attr, 'test',
+                      strict=conf.strict, limit=n_samples)
+
+
+def train(conf: Conf, checkpoint: Optional[str], stamp: str, rows: List[dict], stats) -> dict:
+    from utils.data import read_styles
+    from utils.runtime import trainer_state_loading, unique_path, write_json_atomic
     from utils.styles import StyleMap
 
-    rows, stats = read_split(conf.split_path('train'), conf.img_addr, conf.file_attr, 'train',
-                             strict=conf.strict, limit=conf.max_train_samples)
     styles = read_styles(conf.dataset_path, rows)
     style_map = StyleMap.build(styles, conf.tokenize_style, conf.prompt_template)
     logger.info('%d train rows, %d styles (%s in the prompt)', len(rows), len(styles),
                 'style tokens' if conf.tokenize_style else 'style words')
     model_dir = model_dir_of(conf)
     trainer = build_trainer(conf, rows, style_map, model_dir)
-    with trainer_state_loading():
-        trainer.train(checkpoint)
+    try:
+        with trainer_state_loading():
+            trainer.train(checkpoint)
+    finally:
+        detach_file_logs(conf.work_dir)
     output = os.path.join(conf.work_dir, OUTPUT_DIR)
     logger.info('trained model: %s', output)
     summary = {'mode': 'train', 'time': stamp, 'checkpoint': checkpoint, 'output': output,
@@ -170,7 +192,7 @@ def train(conf: Conf, checkpoint: Optional[str], stamp: str) -> dict:
                'iterations': trainer.iter}
     if conf.demo:
         summary['demo'] = demo_report(conf, output)
-    write_json_atomic(os.path.join(conf.work_dir, f'train_{stamp}.json'), summary)
+    write_json_atomic(unique_path(conf.work_dir, 'train', stamp), summary)
     return summary
 
 
@@ -211,23 +233,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logging()
     stamp = timestamp()
 
-    def prepare():
+    def prepare():  # every check that can fail on bad input, before anything is written
         conf = load_conf(args)
-        return conf, resolve_checkpoint(args.checkpoint, conf.work_dir)
+        checkpoint = resolve_checkpoint(args.checkpoint, conf.work_dir)
+        if args.mode == 'eval':
+            from utils.captioner import trained_model_dir
+            trained_model_dir(conf)
+        return conf, checkpoint, read_data(conf, args.mode, getattr(args, 'n_samples', None))
 
     prepared = run_reporting_errors(prepare, debug=args.debug)
     if isinstance(prepared, int):
         return prepared
-    conf, checkpoint = prepared
+    conf, checkpoint, (rows, stats) = prepared
 
     def run():
         lock = WorkDirLock(conf.work_dir) if args.mode == 'train' else contextlib.nullcontext()
         with lock, log_to_file(os.path.join(conf.work_dir, f'{args.mode}_{stamp}.log')):
             if args.mode == 'train':
-                train(conf, checkpoint, stamp)
+                train(conf, checkpoint, stamp, rows, stats)
             else:
                 from utils.evaluate import evaluate
-                evaluate(conf, checkpoint, stamp, n_samples=args.n_samples, log_csv=args.log_csv)
+                evaluate(conf, checkpoint, stamp, rows, stats, log_csv=args.log_csv)
         return 0
 
     return run_reporting_errors(run, debug=args.debug)

@@ -24,8 +24,8 @@ def test_second_training_run_on_a_work_dir_in_use_is_refused(make_conf, capsys):
         before = sorted(os.listdir(work_dir))
         assert finetune.main(['train', '--conf', path]) == 2
         assert sorted(os.listdir(work_dir)) == before  # nothing written
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and 'is in use by another training run' in err[0] and str(os.getpid()) in err[0]
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 1 and 'is in use by another training run' in errors[0] and str(os.getpid()) in errors[0]
     with WorkDirLock(work_dir):  # released: free again
         pass
 

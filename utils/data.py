@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 PERSONALITIES_FILE = 'personalities.txt'
 JPEG_EOI = b'\xff\xd9'
+MAX_PIXELS = 50_000_000  # larger images (decompression bombs, panoramas) are skipped
 
 
 class DataError(ValueError):
@@ -58,15 +59,18 @@ def check_image(path: str) -> Optional[str]:
     if size == 0:
         return 'image empty'
     try:
-        with Image.open(path) as im:
-            fmt = im.format
-            if fmt != 'JPEG':
-                im.load()  # small or non-JPEG: decode for real
+        with Image.open(path) as im:  # reads the header only
+            if im.size[0] * im.size[1] > MAX_PIXELS:
+                return 'image too large'
+            if im.format != 'JPEG':
+                im.load()  # no cheap truncation marker: decode for real
                 return None
         with open(path, 'rb') as f:  # a truncated JPEG has lost its end-of-image marker
             f.seek(max(0, size - 64))
             if JPEG_EOI not in f.read():
                 return 'image truncated'
+    except Image.DecompressionBombError:
+        return 'image too large'
     except Exception:  # noqa: BLE001 - PIL raises many kinds for a bad file
         return 'image unreadable'
     return None
@@ -105,9 +109,14 @@ def read_split(path, img_addr: str, file_attr: str, split: str, *, strict: bool 
     if limit is not None:
         data = data[:limit]
     stats = SplitStats(split, rows=len(data))
-    rows, reasons = [], []
+    rows, reasons, seen = [], [], set()
     for i, raw in enumerate(data):
         row, reason = _parse_row(i, raw, with_refs=split != 'train')
+        if row is not None:
+            key = (row['style'], row['text'], row['image_hash'])
+            if key in seen:
+                row, reason = None, 'duplicate row'
+            seen.add(key)
         if row is not None:
             row['image'] = image_path(img_addr, row.pop('image_hash'), file_attr)
             row['row'] = i

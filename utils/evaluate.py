@@ -5,7 +5,7 @@ import csv
 import io
 import logging
 import os
-from typing import Optional
+from typing import List, Optional
 
 from utils.runtime import unique_path, write_json_atomic
 
@@ -13,16 +13,13 @@ logger = logging.getLogger(__name__)
 CSV_SETTINGS = ('tokenize_style', 'beam_size', 'max_len', 'no_repeat_ngram_size', 'patch_image_size')
 
 
-def evaluate(conf, checkpoint: Optional[str], stamp: str, n_samples: Optional[int] = None,
+def evaluate(conf, checkpoint: Optional[str], stamp: str, rows: List[dict], stats,
              log_csv: Optional[str] = None) -> dict:
-    """Caption the test split (all of it, or the first n_samples rows) with {work_dir}/output, or with
-    the weights of a CheckpointHook checkpoint (prefix work_dir/iter_N), score, write eval_{time}.json."""
+    """Caption the test rows with {work_dir}/output, or with the weights of a CheckpointHook checkpoint
+    (prefix work_dir/iter_N), score them against all their references, write eval_{time}.json."""
     from utils.captioner import load_captioner
-    from utils.data import read_split
     from utils.metrics import format_table, score
 
-    rows, stats = read_split(conf.split_path('test'), conf.img_addr, conf.file_attr, 'test',
-                             strict=conf.strict, limit=n_samples)
     captioner = load_captioner(conf, checkpoint=checkpoint + '.pth' if checkpoint else None)
     items = [{'style': r['style'], 'image': r['image']} for r in rows]
     captions = captioner.caption(items, batch_size=conf.batch_size, num_workers=conf.num_workers)
