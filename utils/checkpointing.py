@@ -51,7 +51,7 @@ def resolve_checkpoint(arg: Optional[str], work_dir: str) -> Optional[str]:
         for _, prefix in checkpoints_in(work_dir):
             problem = readable(prefix)
             if problem is None:
-                logger.info('resuming from the newest readable checkpoint: %s', prefix)
+                logger.info('newest readable checkpoint: %s', prefix)
                 return prefix
             logger.warning('skipping unreadable checkpoint %s: %s', prefix, problem)
         raise ConfError(f'-p latest: no readable checkpoint (iter_N.pth + iter_N_trainer_state.pth) in {work_dir}')
