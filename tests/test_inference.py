@@ -88,8 +88,9 @@ def test_bad_json_list_is_a_clear_error(trained, tmp_path, capsys, items, messag
     j = tmp_path / 'list.json'
     j.write_text(json.dumps(items))
     assert run_inference(trained[0], '-j', str(j), '-o', str(tmp_path / 'out')) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0]
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 1 and message in errors[0] and 'Traceback' not in err
     assert not (tmp_path / 'out').exists()
 
 

@@ -55,6 +55,9 @@ def setup_logging(level: int = logging.INFO) -> None:
         handler.setFormatter(logging.Formatter(LOG_FORMAT, '%H:%M:%S'))
         root.addHandler(handler)
     root.setLevel(level)
+    # transformers warns on every OFA model load that OFAModel does not inherit GenerationMixin: noise
+    # for our users, who generate with ModelScope's own sequence generator.
+    logging.getLogger('transformers.modeling_utils').setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager
