@@ -47,6 +47,11 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class _GenerationMixinNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return 'GenerationMixin' not in record.getMessage()
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Console logging for the toolkit's own modules (ModelScope keeps its own handlers)."""
     root = logging.getLogger()
@@ -56,8 +61,11 @@ def setup_logging(level: int = logging.INFO) -> None:
         root.addHandler(handler)
     root.setLevel(level)
     # transformers warns on every OFA model load that OFAModel does not inherit GenerationMixin: noise
-    # for our users, who generate with ModelScope's own sequence generator.
-    logging.getLogger('transformers.modeling_utils').setLevel(logging.ERROR)
+    # for our users, who generate with ModelScope's own sequence generator. (A filter, not a level:
+    # transformers changes what it checks when that logger's level is raised.)
+    hf_logger = logging.getLogger('transformers.modeling_utils')
+    if not any(isinstance(f, _GenerationMixinNotice) for f in hf_logger.filters):
+        hf_logger.addFilter(_GenerationMixinNotice())
 
 
 @contextlib.contextmanager
