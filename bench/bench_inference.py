@@ -51,6 +51,8 @@ def main(argv=None) -> int:
     p.add_argument('--device', default=None)
     args = p.parse_args(argv)
 
+    from utils.runtime import setup_logging
+    setup_logging()
     import torch
     from modelscope.pipelines import pipeline
     from modelscope.utils.constant import Tasks
