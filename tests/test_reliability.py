@@ -70,6 +70,7 @@ def test_kill_9_during_training_then_resume_latest_finishes(make_conf, tmp_path)
     proc.wait()
     killed_at = max(n for n, _ in checkpoints_in(str(work)))
     assert 9 <= killed_at < 24
+    assert (work / 'output' / 'pytorch_model.bin').is_file() and not (work / 'output.partial').exists()
     assert finetune.main(['train', '--conf', path, '-p', 'latest']) == 0
     resumed = [e for e in read_log_json(work) if e.get('mode') == 'train']
     assert resumed and len(resumed) == 24 - killed_at  # picks up right after the checkpoint
@@ -77,6 +78,23 @@ def test_kill_9_during_training_then_resume_latest_finishes(make_conf, tmp_path)
     assert summary['iterations'] == 24
     from modelscope.models import Model
     Model.from_pretrained(str(work / 'output'))  # complete and loadable
+
+
+def test_output_dir_never_exists_without_weights(make_conf, tmp_path):
+    """Killed before its first checkpoint, a fresh run leaves no output/ (only output.partial)."""
+    path = make_conf(max_epochs=3, checkpoint={'by_epoch': False, 'interval': 6, 'max_checkpoint_num': 1})
+    work = Path(json.loads(Path(path).read_text())['work_dir'])
+    proc = subprocess.Popen([sys.executable, str(ROOT / 'finetune.py'), 'train', '--conf', path],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (work / 'output.partial').exists() and not (work / 'output').exists() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if (work / 'output').exists():  # the first checkpoint came first: then it must be complete
+        assert (work / 'output' / 'pytorch_model.bin').is_file() and (work / 'output' / 'style_map.json').is_file()
+    else:
+        assert (work / 'output.partial').is_dir()
 
 
 def test_unexpected_error_is_one_line_exit_1_and_debug_shows_it(trained, tmp_path, capsys):

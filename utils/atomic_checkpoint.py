@@ -8,9 +8,22 @@ from modelscope.trainers.hooks.checkpoint.checkpoint_processor import Checkpoint
 
 
 class AtomicCheckpointProcessor(CheckpointProcessor):
-    """ModelScope's CheckpointProcessor, except that no file appears under its final name before it is
+    """ModelScope's CheckpointProcessor, except that nothing appears under its final name before it is
     complete: a kill while a checkpoint is written leaves at most a ``*.tmp`` file behind. The trainer
-    state is written before the weights, so a checkpoint is complete once ``iter_N.pth`` exists."""
+    state is written before the weights, so a checkpoint is complete once ``iter_N.pth`` exists.
+
+    The output model dir of a fresh run is assembled in ``output.partial`` and renamed to ``output`` when
+    the first checkpoint's weights are in it: ``output/`` is never a model dir without weights."""
+
+    staging = None  # (partial dir, output dir) until the first checkpoint
+
+    def prepare_output(self, trainer, output_dir):
+        if os.path.isfile(os.path.join(output_dir, self._bin_file(trainer.unwrap_module(trainer.model)))):
+            return super().prepare_output(trainer, output_dir)  # resuming: keep serving the last weights
+        partial = output_dir.rstrip('/') + '.partial'
+        shutil.rmtree(partial, ignore_errors=True)
+        super().prepare_output(trainer, partial)
+        self.staging = (partial, output_dir)
 
     def save_trainer_state(self, trainer, model, train_state_file, meta, save_optimizers):
         tmp = train_state_file + '.tmp'
@@ -24,6 +37,17 @@ class AtomicCheckpointProcessor(CheckpointProcessor):
 
     def link(self, model, src_file, output_dir):
         """output/pytorch_model.bin is swapped in one rename, never missing or half-copied."""
+        if self.staging:
+            partial, output_dir = self.staging
+            self._link(model, src_file, partial)
+            if os.path.isdir(output_dir):  # a weightless leftover of an older run
+                shutil.rmtree(output_dir)
+            os.replace(partial, output_dir)
+            self.staging = None
+            return
+        self._link(model, src_file, output_dir)
+
+    def _link(self, model, src_file, output_dir):
         dest = os.path.join(output_dir, self._bin_file(model))
         tmp = dest + '.tmp'
         if os.path.lexists(tmp):
