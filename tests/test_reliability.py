@@ -108,3 +108,23 @@ def test_unexpected_error_is_one_line_exit_1_and_debug_shows_it(trained, tmp_pat
     assert 'Traceback' not in err
     with pytest.raises(Exception):
         pre_inference.main(['--conf', trained[0], '-m', str(broken), '-n', '1', '--debug'])
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_no_file_under_its_name(tmp_path, monkeypatch):
+    import torch
+    from modelscope.utils.checkpoint import save_checkpoint
+
+    from utils.atomic_checkpoint import AtomicCheckpointProcessor
+    ms_checkpoint = sys.modules[save_checkpoint.__module__]
+
+    def dying_write(data, filename):
+        with open(filename, 'wb') as f:
+            f.write(data[: len(data) // 2])
+        raise OSError('killed mid-write')
+
+    monkeypatch.setattr(ms_checkpoint.File, 'write', staticmethod(dying_write))
+    target = tmp_path / 'iter_3.pth'
+    with pytest.raises(OSError):
+        AtomicCheckpointProcessor().save_model_state(torch.nn.Linear(4, 4), str(target))
+    assert not target.exists() and (tmp_path / 'iter_3.pth.tmp').exists()
+    assert checkpoints_in(str(tmp_path)) == []
