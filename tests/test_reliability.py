@@ -128,3 +128,37 @@ def test_a_crash_while_writing_a_checkpoint_leaves_no_file_under_its_name(tmp_pa
         AtomicCheckpointProcessor().save_model_state(torch.nn.Linear(4, 4), str(target))
     assert not target.exists() and (tmp_path / 'iter_3.pth.tmp').exists()
     assert checkpoints_in(str(tmp_path)) == []
+
+
+def test_repeated_kills_at_random_moments_lose_nothing(make_conf, tmp_path):
+    """Kill -9 three times at random moments (seeded), resume each time with -p latest, then finish:
+    every iteration is trained, each resume starts right after a complete checkpoint."""
+    import random
+    rng = random.Random(7)
+    path = make_conf(max_epochs=6, checkpoint={'by_epoch': False, 'interval': 2, 'max_checkpoint_num': 2})
+    work = Path(json.loads(Path(path).read_text())['work_dir'])
+    total = 36  # 48 rows / batch 8 x 6 epochs
+    kills = 0
+    for attempt in range(3):
+        argv = [sys.executable, str(ROOT / 'finetune.py'), 'train', '--conf', path]
+        if checkpoints_in(str(work)):
+            argv += ['-p', 'latest']
+        proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        before = max([n for n, _ in checkpoints_in(str(work))], default=0)
+        deadline = time.time() + 240
+        while max([n for n, _ in checkpoints_in(str(work))], default=0) <= before and proc.poll() is None \
+                and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.5))  # somewhere after a checkpoint, maybe during the next one
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        for _, prefix in checkpoints_in(str(work)):
+            assert resolve_checkpoint(prefix, '')  # every complete-looking checkpoint loads
+    assert kills >= 2
+    assert finetune.main(['train', '--conf', path, '-p', 'latest']) == 0
+    summary = json.loads(sorted(work.glob('train_*.json'), key=os.path.getmtime)[-1].read_text())
+    assert summary['iterations'] == total
+    from modelscope.models import Model
+    Model.from_pretrained(str(work / 'output'))
