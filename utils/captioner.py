@@ -8,6 +8,7 @@ ModelScope's OFA ``collate_fn`` and generated together by ModelScope's OFA ``Seq
 from __future__ import annotations
 
 import logging
+import os
 from functools import partial
 from typing import List, Optional, Sequence
 
@@ -79,8 +80,6 @@ def _collate(samples, pad_idx, eos_idx):
 
 def trained_model_dir(conf, model: Optional[str] = None) -> str:
     """The model to caption with: ``model`` (a dir or hub id) or the trained ``{work_dir}/output``."""
-    import os
-
     from utils.conf import ConfError, is_local_model
     if model is None:
         model = os.path.join(conf.work_dir, 'output')
@@ -98,7 +97,6 @@ def load_captioner(conf, model: Optional[str] = None, checkpoint: Optional[str] 
     """A Captioner for conf's generation settings; ``checkpoint`` (a CheckpointHook ``iter_N.pth``)
     replaces the model dir's weights, through ModelScope's own checkpoint loader."""
     from utils.conf import ConfError
-    from utils.styles import UnknownStyleError  # noqa: F401  (re-raised by callers)
 
     model_dir = trained_model_dir(conf, model)
     try:
