@@ -57,17 +57,28 @@ def test_latest_skips_an_unreadable_newest_checkpoint(trained, tmp_path, caplog)
         resolve_checkpoint(str(damaged), '')
 
 
+def start_training(conf_path, cwd, *extra):
+    """`python3 finetune.py train` in a process of its own, to be killed."""
+    return subprocess.Popen([sys.executable, str(ROOT / 'finetune.py'), 'train', '--conf', conf_path, *extra],
+                            cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def kill_when(proc, condition, poll=0.02, timeout=240):
+    deadline = time.time() + timeout
+    while not condition() and proc.poll() is None and time.time() < deadline:
+        time.sleep(poll)
+    alive = proc.poll() is None
+    if alive:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return alive
+
+
 def test_kill_9_during_training_then_resume_latest_finishes(make_conf, tmp_path):
     path = make_conf(max_epochs=4, checkpoint={'by_epoch': False, 'interval': 3, 'max_checkpoint_num': 2})
     work = Path(json.loads(Path(path).read_text())['work_dir'])
-    proc = subprocess.Popen([sys.executable, str(ROOT / 'finetune.py'), 'train', '--conf', path],
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (work / 'iter_9.pth').exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, 'training ended before it could be killed'
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = start_training(path, tmp_path)
+    assert kill_when(proc, lambda: (work / 'iter_9.pth').exists()), 'training ended before it could be killed'
     killed_at = max(n for n, _ in checkpoints_in(str(work)))
     assert 9 <= killed_at < 24
     assert (work / 'output' / 'pytorch_model.bin').is_file() and not (work / 'output.partial').exists()
@@ -84,13 +95,8 @@ def test_output_dir_never_exists_without_weights(make_conf, tmp_path):
     """Killed before its first checkpoint, a fresh run leaves no output/ (only output.partial)."""
     path = make_conf(max_epochs=3, checkpoint={'by_epoch': False, 'interval': 6, 'max_checkpoint_num': 1})
     work = Path(json.loads(Path(path).read_text())['work_dir'])
-    proc = subprocess.Popen([sys.executable, str(ROOT / 'finetune.py'), 'train', '--conf', path],
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (work / 'output.partial').exists() and not (work / 'output').exists() and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(start_training(path, tmp_path), lambda: (work / 'output.partial').exists() or (work / 'output').exists(),
+              poll=0.01)
     if (work / 'output').exists():  # the first checkpoint came first: then it must be complete
         assert (work / 'output' / 'pytorch_model.bin').is_file() and (work / 'output' / 'style_map.json').is_file()
     else:
@@ -140,20 +146,18 @@ def test_repeated_kills_at_random_moments_lose_nothing(make_conf, tmp_path):
     total = 36  # 48 rows / batch 8 x 6 epochs
     kills = 0
     for attempt in range(3):
-        argv = [sys.executable, str(ROOT / 'finetune.py'), 'train', '--conf', path]
-        if checkpoints_in(str(work)):
-            argv += ['-p', 'latest']
-        proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        before = max([n for n, _ in checkpoints_in(str(work))], default=0)
-        deadline = time.time() + 240
-        while max([n for n, _ in checkpoints_in(str(work))], default=0) <= before and proc.poll() is None \
-                and time.time() < deadline:
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.5))  # somewhere after a checkpoint, maybe during the next one
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
+        def newest():
+            return max([n for n, _ in checkpoints_in(str(work))], default=0)
+        before = newest()
+        proc = start_training(path, tmp_path, *(['-p', 'latest'] if before else []))
+        delay = rng.uniform(0.0, 0.5)  # somewhere after a checkpoint, maybe during the next one
+        seen = []
+
+        def after_a_new_checkpoint():
+            if not seen and newest() > before:
+                seen.append(time.time())
+            return bool(seen) and time.time() - seen[0] >= delay
+        kills += kill_when(proc, after_a_new_checkpoint)
         for _, prefix in checkpoints_in(str(work)):
             assert resolve_checkpoint(prefix, '')  # every complete-looking checkpoint loads
     assert kills >= 2
