@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from PIL import Image
+from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
 PERSONALITIES_FILE = 'personalities.txt'
 JPEG_EOI = b'\xff\xd9'
+PROGRESS_FROM = 2000  # image checks show a progress bar from this many images on
 MAX_PIXELS = 50_000_000  # larger images (decompression bombs, panoramas) are skipped
 
 
@@ -126,7 +128,9 @@ def read_split(path, img_addr: str, file_attr: str, split: str, *, strict: bool 
     if check_images:
         paths = sorted({r['image'] for r in rows if r is not None})
         with ThreadPoolExecutor(max_workers=8) as pool:
-            bad = {p: reason for p, reason in zip(paths, pool.map(check_image, paths)) if reason}
+            checked = tqdm(pool.map(check_image, paths), total=len(paths), desc=f'checking {split} images',
+                           unit='img', disable=len(paths) < PROGRESS_FROM)
+            bad = {p: reason for p, reason in zip(paths, checked) if reason}
         for j, row in enumerate(rows):
             if row is not None and row['image'] in bad:
                 reasons[j] = bad[row['image']]
