@@ -89,6 +89,8 @@ def model_cfg_overrides(conf: Conf) -> dict:
 
 def make_cfg_modify_fn(conf: Conf):
     """The training section of the ModelScope configuration, from the conf (nothing else sets it)."""
+    import torch
+
     def cfg_modify_fn(cfg):
         cfg.task = 'image-captioning'  # a pretrain checkpoint becomes a captioning model
         cfg.pipeline = {'type': 'image-captioning'}
@@ -101,7 +103,8 @@ def make_cfg_modify_fn(conf: Conf):
             'work_dir': conf.work_dir,
             'max_epochs': conf.max_epochs,
             'dataloader': {'batch_size_per_gpu': conf.batch_size, 'workers_per_gpu': conf.num_workers,
-                           'shuffle': True},
+                           'shuffle': True, 'pin_memory': torch.cuda.is_available(),
+                           'persistent_workers': conf.num_workers > 0},
             'optimizer': {'type': 'AdamW', 'lr': conf.lr, 'weight_decay': conf.weight_decay},
             'lr_scheduler': {'name': 'polynomial_decay', 'warmup_proportion': conf.warmup, 'lr_end': 1e-7},
             'lr_scheduler_hook': {'type': 'LrSchedulerHook', 'by_epoch': False},
@@ -139,6 +142,11 @@ def build_trainer(conf: Conf, rows: List[dict], style_map, model_dir: str):
                                            model_cfg=model_cfg_overrides(conf), no_collate=True)
         for split, mode in (('train', 'train'), ('val', 'eval'))
     }
+    if conf.image_cache:
+        from utils.image_cache import ImageCache
+        train = preprocessor['train'].preprocess
+        train.use_image_cache(ImageCache.open_or_build(conf.image_cache, [r['image'] for r in rows],
+                                                       train.patch_image_size, workers=max(1, conf.num_workers)))
     dataset = StylishCaptionDataset(rows, preprocessor['train'])
     with no_hub_check_for_local_model(conf.model_is_local):
         trainer = OFATrainer(model=conf.model_name, model_revision=conf.model_revision,

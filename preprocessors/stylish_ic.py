@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Optional
 
+import numpy as np
 import torch
+import torchvision.transforms.functional as F
 from modelscope.preprocessors.base import Preprocessor
 from modelscope.preprocessors.builder import PREPROCESSORS
 from modelscope.preprocessors.multi_modal import OfaPreprocessor
@@ -29,6 +31,7 @@ class OfaStylishICPreprocessor(OfaImageCaptioningPreprocessor):
 
     step 1. As ModelScope's captioning preprocessor: load the image, resize (bicubic) and normalise it.
         This is deterministic in every mode (no random crop), so eval and inference are reproducible.
+        With an ``image_cache`` the decoded, resized pixels come from the cache (bit-identical).
     step 2. Fill the prompt template with the style's token (or the style word): the ``source``.
         Tokenised prompts are cached per style.
     Training samples (``target``, ``prev_output_tokens``) come from the parent unchanged.
@@ -41,6 +44,7 @@ class OfaStylishICPreprocessor(OfaImageCaptioningPreprocessor):
     def __init__(self, cfg, model_dir, mode=ModeKeys.INFERENCE, *args, style_map: StyleMap, **kwargs):
         super().__init__(cfg, model_dir, mode, *args, **kwargs)
         self.style_map = style_map
+        self.image_cache = None
         self.column_map.setdefault('text', 'text')
         self.column_map.setdefault('style', 'style')
         self._source_cache: Dict[str, torch.Tensor] = {}
@@ -53,11 +57,22 @@ class OfaStylishICPreprocessor(OfaImageCaptioningPreprocessor):
             self._source_cache[style] = source
         return source
 
+    def use_image_cache(self, cache) -> None:
+        """Take decoded, resized pixels from an ImageCache built at this preprocessor's image size."""
+        if cache.size != self.patch_image_size:
+            raise ValueError(f'image cache of {cache.size} px for a {self.patch_image_size} px preprocessor')
+        self.image_cache = cache
+
+    def patch_image(self, image) -> torch.Tensor:
+        pixels = self.image_cache.get(image) if self.image_cache is not None and isinstance(image, str) else None
+        if pixels is None:
+            return self.patch_resize_transform(self.get_img_pil(image))
+        return F.normalize(F.to_tensor(np.array(pixels)), mean=self.mean, std=self.std)
+
     def _build_infer_sample(self, data: Dict[str, Any]) -> Dict[str, Any]:
-        image = self.get_img_pil(data[self.column_map['image']])
         sample = {
             'source': self.style_source(data[self.column_map['style']]),
-            'patch_image': self.patch_resize_transform(image),
+            'patch_image': self.patch_image(data[self.column_map['image']]),
             'patch_mask': torch.tensor([True]),
         }
         if self.column_map['text'] in data:

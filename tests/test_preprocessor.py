@@ -84,3 +84,28 @@ def test_saved_with_model_and_reloaded(tiny_model, tmp_path, image):
     q = OfaPreprocessorForStylishIC(str(model_copy), no_collate=True)
     for style in STYLES:
         assert torch.equal(p({'image': image, 'style': style})['source'], q({'image': image, 'style': style})['source'])
+
+
+def test_image_cache_gives_identical_samples_and_is_reused(tiny_model, pcap, tmp_path, caplog):
+    import logging
+
+    from utils.image_cache import ImageCache
+    images = [f'{pcap[1]}/train{i:04d}.jpg' for i in range(6)]
+    plain = make(tiny_model, True, mode='train')
+    cached = make(tiny_model, True, mode='train')
+    cached.preprocess.use_image_cache(ImageCache.open_or_build(str(tmp_path), images, 32))
+    for img in images:
+        a = plain({'image': img, 'style': 'Happy', 'text': 'a b'})
+        b = cached({'image': img, 'style': 'Happy', 'text': 'a b'})
+        assert torch.equal(a['patch_image'], b['patch_image'])
+    assert len(list(tmp_path.glob('*.u8'))) == 1
+    with caplog.at_level(logging.INFO):
+        ImageCache.open_or_build(str(tmp_path), images, 32)
+    assert 'reusing' in caplog.text
+    ImageCache.open_or_build(str(tmp_path), images, 48)  # another image size: another cache file
+    assert len(list(tmp_path.glob('*.u8'))) == 2
+    with pytest.raises(ValueError, match='48 px'):
+        cached.preprocess.use_image_cache(ImageCache.open_or_build(str(tmp_path), images, 48))
+    import pickle
+    clone = pickle.loads(pickle.dumps(ImageCache.open_or_build(str(tmp_path), images, 32)))  # what workers get
+    assert (clone.get(images[2]) == cached.preprocess.image_cache.get(images[2])).all()

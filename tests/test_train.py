@@ -1,6 +1,7 @@
 """End to end: finetune.py train on the tiny model with ModelScope's real OFATrainer."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,3 +63,11 @@ def test_checkpoint_without_trainer_state_is_refused(trained, tmp_path):
     lone.write_bytes((trained[1] / 'iter_3.pth').read_bytes())
     with pytest.raises(ConfError, match='not a CheckpointHook checkpoint'):
         finetune.resolve_checkpoint(str(lone), '')
+
+
+def test_train_with_image_cache_and_workers(make_conf, tmp_path):
+    path = make_conf(image_cache=str(tmp_path / 'cache'), num_workers=1)
+    assert finetune.main(['train', '--conf', path]) == 0
+    assert len(list((tmp_path / 'cache').glob('images_32px_*.u8'))) == 1
+    work = Path(json.loads(Path(path).read_text())['work_dir'])
+    assert (work / 'output' / 'pytorch_model.bin').is_file()

@@ -55,6 +55,7 @@ class Conf:
     log_interval: int = 10          # iterations between two log lines of the loss
     max_train_samples: Optional[int] = None  # use only the first N train rows (null: all)
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)  # CheckpointHook settings
+    image_cache: Optional[str] = None  # folder for a cache of decoded, resized train images (null: off)
 
     # --- images and generation ---
     patch_image_size: Optional[int] = None  # side of the square image the model sees (null: the model's own)
