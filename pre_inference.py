@@ -47,12 +47,14 @@ def reference_value(refs: List[str]):
     return refs[0] if len(refs) == 1 else refs
 
 
-def test_items(conf, n: Optional[int], pick_random: bool) -> List[dict]:
-    rows, _ = read_split(conf.split_path('test'), conf.img_addr, conf.file_attr, 'test', strict=conf.strict)
+def test_items(conf, n: Optional[int], pick_random: bool):
+    """Items of the test split (all, the first n, or n at random) and the split's row counts."""
+    rows, stats = read_split(conf.split_path('test'), conf.img_addr, conf.file_attr, 'test', strict=conf.strict)
     if n is not None and n < len(rows):
         rows = random.Random(conf.seed).sample(rows, n) if pick_random else rows[:n]
-    return [{'style': r['style'], 'image': r['image'], 'reference': reference_value(r['references'])}
-            for r in rows]
+    items = [{'style': r['style'], 'image': r['image'], 'reference': reference_value(r['references'])}
+             for r in rows]
+    return items, stats
 
 
 def json_items(path: str, conf) -> List[dict]:
@@ -109,7 +111,11 @@ def run(args) -> int:
     validate(conf, splits=() if args.json else ('test',))
     if args.n_samples is not None and args.n_samples < 1:
         raise ConfError(f'-n must be at least 1, got {args.n_samples}')
-    items = json_items(args.json, conf) if args.json else test_items(conf, args.n_samples, args.random)
+    stats = None
+    if args.json:
+        items = json_items(args.json, conf)
+    else:
+        items, stats = test_items(conf, args.n_samples, args.random)
 
     from utils.captioner import load_captioner
     captioner = load_captioner(conf, args.model)
@@ -129,12 +135,15 @@ def run(args) -> int:
     out_dir = args.out_dir or conf.work_dir
     os.makedirs(out_dir, exist_ok=True)
     path = unique_path(out_dir, 'inference', timestamp())
-    write_json_atomic(path, {
+    output = {
         'model_name': args.desc or (args.model if args.model else conf.model_name),
         'model_revision': None if args.model else conf.model_revision,
         'n_eval_sample': len(results),
         'results': results,
-    })
+    }
+    if stats is not None:  # rows of the test split skipped as bad, by reason
+        output['data'] = {'test': stats.to_dict()}
+    write_json_atomic(path, output)
     logger.info('%d captions written to %s', len(results), path)
     return 0
 

@@ -29,7 +29,8 @@ def test_default_captions_the_whole_test_split(trained, test_rows, tmp_path):
     conf, rows = test_rows
     assert run_inference(trained[0], '-o', str(tmp_path)) == 0
     out = json.loads(newest(tmp_path, 'inference_*.json').read_text())
-    assert set(out) == {'model_name', 'model_revision', 'n_eval_sample', 'results'}
+    assert set(out) == {'model_name', 'model_revision', 'n_eval_sample', 'results', 'data'}
+    assert out['data']['test'] == {'rows': len(rows), 'kept': len(rows), 'skipped': {}}
     assert out['model_name'] == conf['model_name'] and out['n_eval_sample'] == len(rows) == len(out['results'])
     for r, row in zip(out['results'], rows):
         assert set(r) == {'style', 'image', 'caption', 'reference'}
@@ -62,6 +63,7 @@ def test_json_list_in_order_with_two_styles_for_one_image(trained, test_rows, tm
     assert run_inference(trained[0], '-j', str(j), '-o', str(tmp_path), '-d', 'my model') == 0
     out = json.loads(newest(tmp_path, 'inference_*.json').read_text())
     assert out['model_name'] == 'my model' and out['n_eval_sample'] == 3
+    assert 'data' not in out  # a -j list is not a data set: every row is answered or the run fails
     assert [r['style'] for r in out['results']] == ['Sarcastic', 'Happy', 'Anxious']
     assert out['results'][0]['reference'] == 'a ref' and 'reference' not in out['results'][1]
     assert out['results'][2]['reference'] == ['r1', 'r2']
