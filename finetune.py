@@ -13,7 +13,7 @@ import sys
 from typing import List, Optional
 
 from utils.checkpointing import WorkDirLock, resolve_checkpoint
-from utils.conf import Conf, apply_overrides, read_conf, validate
+from utils.conf import Conf, ConfError, apply_overrides, read_conf, validate
 
 logger = logging.getLogger('finetune')
 OUTPUT_DIR = 'output'
@@ -177,15 +177,29 @@ def read_data(conf: Conf, mode: str, n_samples: Optional[int] = None):
                       strict=conf.strict, limit=n_samples)
 
 
-def train(conf: Conf, checkpoint: Optional[str], stamp: str, rows: List[dict], stats) -> dict:
+def build_style_map(conf: Conf, rows: List[dict], checkpoint: Optional[str]):
+    """The style map of this run. Resuming, it must be the one the checkpoint was trained with (saved in
+    work_dir/output): other styles, or another style order, would silently change what each token means."""
     from utils.data import read_styles
-    from utils.runtime import trainer_state_loading, unique_path, write_json_atomic
     from utils.styles import StyleMap
 
-    styles = read_styles(conf.dataset_path, rows)
-    style_map = StyleMap.build(styles, conf.tokenize_style, conf.prompt_template)
-    logger.info('%d train rows, %d styles (%s in the prompt)', len(rows), len(styles),
+    style_map = StyleMap.build(read_styles(conf.dataset_path, rows), conf.tokenize_style, conf.prompt_template)
+    saved = os.path.join(conf.work_dir, OUTPUT_DIR)
+    if checkpoint is not None and os.path.isfile(os.path.join(saved, 'style_map.json')):
+        before = StyleMap.load(saved)
+        if before != style_map:
+            changed = sorted(set(before.tokens.items()) ^ set(style_map.tokens.items()))[:3]
+            what = 'tokenize_style or prompt' if not changed else ', '.join(f'{s!r}' for s, _ in changed)
+            raise ConfError(f'resuming {checkpoint}: the styles differ from those it was trained with '
+                            f'({saved}/style_map.json), e.g. {what}; resume with the same data and conf')
+    logger.info('%d train rows, %d styles (%s in the prompt)', len(rows), len(style_map.tokens),
                 'style tokens' if conf.tokenize_style else 'style words')
+    return style_map
+
+
+def train(conf: Conf, checkpoint: Optional[str], stamp: str, rows: List[dict], stats, style_map) -> dict:
+    from utils.runtime import trainer_state_loading, unique_path, write_json_atomic
+
     model_dir = model_dir_of(conf)
     trainer = build_trainer(conf, rows, style_map, model_dir)
     try:
@@ -196,7 +210,7 @@ def train(conf: Conf, checkpoint: Optional[str], stamp: str, rows: List[dict], s
     output = os.path.join(conf.work_dir, OUTPUT_DIR)
     logger.info('trained model: %s', output)
     summary = {'mode': 'train', 'time': stamp, 'checkpoint': checkpoint, 'output': output,
-               'conf': conf.to_dict(), 'data': {'train': stats.to_dict()}, 'styles': len(styles),
+               'conf': conf.to_dict(), 'data': {'train': stats.to_dict()}, 'styles': len(style_map.tokens),
                'iterations': trainer.iter}
     if conf.demo:
         summary['demo'] = demo_report(conf, output)
@@ -247,18 +261,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.mode == 'eval':
             from utils.captioner import trained_model_dir
             trained_model_dir(conf)
-        return conf, checkpoint, read_data(conf, args.mode, getattr(args, 'n_samples', None))
+        rows, stats = read_data(conf, args.mode, getattr(args, 'n_samples', None))
+        style_map = build_style_map(conf, rows, checkpoint) if args.mode == 'train' else None
+        return conf, checkpoint, rows, stats, style_map
 
     prepared = run_reporting_errors(prepare, debug=args.debug)
     if isinstance(prepared, int):
         return prepared
-    conf, checkpoint, (rows, stats) = prepared
+    conf, checkpoint, rows, stats, style_map = prepared
 
     def run():
         lock = WorkDirLock(conf.work_dir) if args.mode == 'train' else contextlib.nullcontext()
         with lock, log_to_file(os.path.join(conf.work_dir, f'{args.mode}_{stamp}.log')):
             if args.mode == 'train':
-                train(conf, checkpoint, stamp, rows, stats)
+                train(conf, checkpoint, stamp, rows, stats, style_map)
             else:
                 from utils.evaluate import evaluate
                 evaluate(conf, checkpoint, stamp, rows, stats, log_csv=args.log_csv)

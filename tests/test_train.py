@@ -1,6 +1,7 @@
 """End to end: finetune.py train on the tiny model with ModelScope's real OFATrainer."""
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,18 @@ def test_train_with_image_cache_and_workers(make_conf, tmp_path):
     assert len(list((tmp_path / 'cache').glob('images_32px_*.u8'))) == 1
     work = Path(json.loads(Path(path).read_text())['work_dir'])
     assert (work / 'output' / 'pytorch_model.bin').is_file()
+
+
+def test_resume_with_other_styles_is_refused(trained, tmp_path, capsys):
+    conf = json.loads(Path(trained[0]).read_text())
+    data = tmp_path / 'data'
+    shutil.copytree(conf['dataset_path'], data)
+    (data / 'personalities.txt').write_text('Romantic\nHappy\nSarcastic\nAnxious\n')  # same styles, new order
+    conf['dataset_path'] = str(data)
+    path = tmp_path / 'conf.json'
+    path.write_text(json.dumps(conf))
+    before = sorted(p.name for p in trained[1].iterdir())
+    assert finetune.main(['train', '--conf', str(path), '-p', str(trained[1] / 'iter_6')]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 1 and 'styles differ from those it was trained with' in errors[0]
+    assert sorted(p.name for p in trained[1].iterdir()) == before
