@@ -16,6 +16,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from utils.styles import UnknownStyleError
+
 logger = logging.getLogger(__name__)
 
 
@@ -57,9 +59,11 @@ class Captioner:
 
     def caption(self, items: Sequence[dict], batch_size: int = 16, num_workers: int = 0,
                 progress: bool = True) -> List[str]:
-        """Captions for ``[{"style", "image"}, ...]``, in order. Unknown styles fail before any work."""
-        for item in items:
-            self.style_map.check(item['style'])
+        """Captions for ``[{"style", "image"}, ...]``, in order. An unknown style fails, naming its row, before
+        any work."""
+        for i, item in enumerate(items):
+            if item['style'] not in self.style_map.tokens:
+                raise UnknownStyleError(item['style'], self.style_map.tokens, where=f'row {i}')
         loader = DataLoader(_StyledImages(items, self.preprocessor), batch_size=batch_size, shuffle=False,
                             num_workers=num_workers, collate_fn=self.collate)
         captions: List[str] = []

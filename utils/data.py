@@ -14,7 +14,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from PIL import Image
 from tqdm import tqdm
@@ -78,7 +78,7 @@ def check_image(path: str) -> Optional[str]:
     return None
 
 
-def _parse_row(i: int, row, with_refs: bool) -> Tuple[Optional[dict], Optional[str]]:
+def _parse_row(row, with_refs: bool) -> Tuple[Optional[dict], Optional[str]]:
     if not isinstance(row, dict):
         return None, 'row not an object'
     for key in ('personality', 'comment', 'image_hash'):
@@ -113,7 +113,7 @@ def read_split(path, img_addr: str, file_attr: str, split: str, *, strict: bool 
     stats = SplitStats(split, rows=len(data))
     rows, reasons, seen = [], [], set()
     for i, raw in enumerate(data):
-        row, reason = _parse_row(i, raw, with_refs=split != 'train')
+        row, reason = _parse_row(raw, with_refs=split != 'train')
         if row is not None:
             key = (row['style'], row['text'], row['image_hash'])
             if key in seen:
@@ -168,7 +168,3 @@ def read_styles(dataset_path: str, rows: List[dict]) -> List[str]:
     if listed and extra:
         logger.warning('%d styles used by the data are missing from %s: %s', len(extra), pfile, ', '.join(extra))
     return listed + extra
-
-
-def style_counts(rows: List[dict]) -> Dict[str, int]:
-    return dict(Counter(r['style'] for r in rows))

@@ -7,7 +7,7 @@ import logging
 import os
 from typing import List, Optional
 
-from utils.runtime import unique_path, write_json_atomic
+from utils.runtime import unique_path, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 CSV_SETTINGS = ('tokenize_style', 'beam_size', 'max_len', 'no_repeat_ngram_size', 'patch_image_size')
@@ -64,7 +64,4 @@ def append_csv_row(path: str, row: dict) -> None:
     if not old:
         writer.writeheader()
     writer.writerow({k: ('' if v is None else v) for k, v in row.items()})
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w', encoding='utf-8', newline='') as f:
-        f.write(old + ('' if not old or old.endswith('\n') else '\n') + buf.getvalue())
-    os.replace(tmp, path)
+    write_text_atomic(path, old + ('' if not old or old.endswith('\n') else '\n') + buf.getvalue())

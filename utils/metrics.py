@@ -38,6 +38,8 @@ from pycocoevalcap.spice import get_stanford_models as _stanford_models
 from pycocoevalcap.spice.spice import Spice
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+from utils.runtime import write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 BLEU_NAMES = ('Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4')
@@ -305,20 +307,6 @@ def default_output_path(input_path: str) -> str:
     """<input dir>/<input stem>_metrics.json."""
     p = Path(input_path)
     return str(p.with_name(f'{p.stem}_metrics.json'))
-
-
-def write_json_atomic(path: str, payload: dict) -> None:
-    """Write payload to path via path + '.tmp' and os.replace, so readers never see half a file."""
-    tmp = path + '.tmp'
-    try:
-        with open(tmp, 'w', encoding='utf-8') as f:
-            json.dump(payload, f, indent=2, ensure_ascii=False)
-            f.write('\n')
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,12 +27,22 @@ def unique_path(directory: str, prefix: str, stamp: str, ext: str = '.json') -> 
     return path
 
 
-def write_json_atomic(path: str, data) -> None:
-    """Write a JSON file under a temporary name, then rename it: readers never see half a file."""
+def write_text_atomic(path: str, text: str) -> None:
+    """Write a file under a temporary name, then rename it: readers never see half a file, and a failed
+    write leaves neither the file nor its temporary."""
     tmp = f'{path}.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'w', encoding='utf-8', newline='') as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(path: str, data) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + '\n')
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -22,10 +22,12 @@ MAX_STYLE_TOKENS = 8192
 
 
 class UnknownStyleError(KeyError):
-    def __init__(self, style: str, known: Iterable[str]):
-        near = difflib.get_close_matches(style, list(known), n=3, cutoff=0.5)
+    def __init__(self, style: str, known: Iterable[str], where: str = ''):
+        known = list(known)
+        near = difflib.get_close_matches(style, known, n=3, cutoff=0.5)
         hint = f'; nearest known: {", ".join(repr(s) for s in near)}' if near else ''
-        super().__init__(f'unknown style {style!r} (the model was trained with {len(list(known))} styles{hint})')
+        prefix = f'{where}: ' if where else ''
+        super().__init__(f'{prefix}unknown style {style!r} (the model was trained with {len(known)} styles{hint})')
         self.style = style
         self.nearest = near
 
