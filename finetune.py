@@ -2,6 +2,7 @@
 
     python3 finetune.py train --conf conf_examples/demo.json [-p CKPT|latest] [-e N] [-b N] [-w N] ...
     python3 finetune.py eval  --conf conf_examples/demo.json [-p CKPT] [-b N] [-l metrics.csv]
+    torchrun --nproc_per_node N finetune.py train --conf my.json    # data-parallel, one shard per rank
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 from typing import List, Optional
 
 from utils.checkpointing import WorkDirLock, resolve_checkpoint
+from utils import distributed
 from utils.conf import Conf, ConfError, apply_overrides, read_conf, validate
 
 logger = logging.getLogger('finetune')
@@ -123,6 +125,8 @@ def make_cfg_modify_fn(conf: Conf):
                 {'type': 'IterTimerHook'},
             ],
         }
+        if distributed.launched():
+            cfg.train['hooks'].append({'type': distributed.HOOK_TYPE})
         cfg.evaluation = {'dataloader': {'batch_size_per_gpu': conf.batch_size,
                                          'workers_per_gpu': conf.num_workers}, 'metrics': []}
         return cfg
@@ -145,9 +149,17 @@ def build_trainer(conf: Conf, rows: List[dict], style_map, model_dir: str):
     if conf.image_cache:
         from utils.image_cache import ImageCache
         train = preprocessor['train'].preprocess
-        train.use_image_cache(ImageCache.open_or_build(conf.image_cache, [r['image'] for r in rows],
-                                                       train.patch_image_size, workers=max(1, conf.num_workers)))
+        images = [r['image'] for r in rows]
+        if not distributed.is_main():  # rank 0 builds the cache; the others open it once it is complete
+            distributed.barrier()
+        cache = ImageCache.open_or_build(conf.image_cache, images, train.patch_image_size,
+                                         workers=max(1, conf.num_workers))
+        if distributed.is_main():
+            distributed.barrier()
+        train.use_image_cache(cache)
     dataset = StylishCaptionDataset(rows, preprocessor['train'])
+    if distributed.launched():
+        import utils.torchrun_hooks  # noqa: F401  (registers distributed.HOOK_TYPE)
     with no_hub_check_for_local_model(conf.model_is_local):
         trainer = OFATrainer(model=conf.model_name, model_revision=conf.model_revision,
                              cfg_modify_fn=make_cfg_modify_fn(conf), train_dataset=dataset,
@@ -208,10 +220,14 @@ def train(conf: Conf, checkpoint: Optional[str], stamp: str, rows: List[dict], s
     finally:
         detach_file_logs(conf.work_dir)
     output = os.path.join(conf.work_dir, OUTPUT_DIR)
-    logger.info('trained model: %s', output)
     summary = {'mode': 'train', 'time': stamp, 'checkpoint': checkpoint, 'output': output,
                'conf': conf.to_dict(), 'data': {'train': stats.to_dict()}, 'styles': len(style_map.tokens),
                'iterations': trainer.iter}
+    if distributed.launched():
+        summary['world_size'] = distributed.world_size()
+        if not distributed.is_main():
+            return summary  # rank 0 writes the summary and reports
+    logger.info('trained model: %s', output)
     if conf.demo:
         summary['demo'] = demo_report(conf, output)
     write_json_atomic(unique_path(conf.work_dir, 'train', stamp), summary)
@@ -252,8 +268,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     from utils.runtime import log_to_file, run_reporting_errors, setup_logging, timestamp
 
     args = build_parser().parse_args(argv)
-    setup_logging()
+    setup_logging(logging.INFO if distributed.is_main() else logging.WARNING)
     stamp = timestamp()
+    if args.mode == 'eval' and distributed.launched() and distributed.world_size() > 1:
+        print('error: eval runs in one process; start it with python3, not torchrun', file=sys.stderr)
+        return 2
 
     def prepare():  # every check that can fail on bad input, before anything is written
         conf = load_conf(args)
@@ -271,8 +290,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     conf, checkpoint, rows, stats, style_map = prepared
 
     def run():
-        lock = WorkDirLock(conf.work_dir) if args.mode == 'train' else contextlib.nullcontext()
-        with lock, log_to_file(os.path.join(conf.work_dir, f'{args.mode}_{stamp}.log')):
+        main_rank = distributed.is_main()
+        if args.mode == 'train' and distributed.launched():
+            distributed.init()
+        lock = WorkDirLock(conf.work_dir) if args.mode == 'train' and main_rank else contextlib.nullcontext()
+        log = log_to_file(os.path.join(conf.work_dir, f'{args.mode}_{stamp}.log')) if main_rank \
+            else contextlib.nullcontext()
+        with lock, log:
+            distributed.barrier()  # the other ranks start once rank 0 holds the work_dir
             if args.mode == 'train':
                 train(conf, checkpoint, stamp, rows, stats, style_map)
             else:
@@ -280,7 +305,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 evaluate(conf, checkpoint, stamp, rows, stats, log_csv=args.log_csv)
         return 0
 
-    return run_reporting_errors(run, debug=args.debug)
+    try:
+        return run_reporting_errors(run, debug=args.debug)
+    finally:
+        distributed.finish()
 
 
 if __name__ == '__main__':
