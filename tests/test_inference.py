@@ -127,3 +127,53 @@ def test_eval_of_a_checkpoint(trained):
     assert finetune.main(['eval', '--conf', trained[0], '-p', str(trained[1] / 'iter_3'), '-n', '4']) == 0
     result = json.loads(newest(trained[1], 'eval_*.json').read_text())
     assert result['checkpoint'].endswith('iter_3') and len(result['predictions']) == 4
+
+
+def test_fast_generation_gives_the_stock_generators_captions_and_scores(trained, test_rows):
+    """utils.fast_generation (key/value cache, vectorised n-gram blocker) against ModelScope's stock
+    SequenceGenerator on the same trained model: same beams, same scores (to float rounding)."""
+    import torch
+
+    from utils.captioner import Captioner
+    conf, rows = test_rows
+    model_dir = str(Path(conf['work_dir']) / 'output')
+    items = [{'style': s, 'image': str(Path(conf['img_addr']) / (r['image_hash'] + '.jpg'))}
+             for r in rows for s in ('Happy', 'Sarcastic', 'Romantic', 'Anxious')]
+    fast, stock = (Captioner(model_dir, beam_size=3, max_len=12, no_repeat_ngram_size=2, fast=f)
+                   for f in (True, False))
+    assert fast.caption(items, batch_size=7) == stock.caption(items, batch_size=5)
+
+    batch = fast.collate([fast.preprocessor(item) for item in items[:6]])
+    with torch.inference_mode():
+        hypos = [c.model.generator.generate([c.model.model], batch) for c in (fast, stock)]
+    for ours, theirs in zip(*hypos):
+        assert len(ours) == len(theirs) == 3
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a['tokens'], b['tokens'])
+            assert torch.allclose(a['score'], b['score'], atol=1e-5)
+            assert torch.allclose(a['positional_scores'], b['positional_scores'], atol=1e-5)
+
+
+@pytest.mark.parametrize('n', [2, 3, 4])
+def test_vectorised_ngram_blocker_bans_what_the_stock_one_bans(n):
+    import math
+
+    import torch
+    from modelscope.models.multi_modal.ofa.generate.ngram_repeat_block import NGramRepeatBlock
+
+    from utils.fast_generation import VectorisedNGramRepeatBlock
+    gen = torch.Generator().manual_seed(n)
+    bsz, beam, length, vocab, pad = 3, 4, 14, 12, 1
+    stock, ours = NGramRepeatBlock(n, use_extension=False), VectorisedNGramRepeatBlock(n)
+    banned_any = 0
+    for step in range(length - 1):
+        tokens = torch.full((bsz * beam, length + 1), pad)
+        tokens[:, 0] = 0  # bos
+        tokens[:, 1:step + 1] = torch.randint(4, 7, (bsz * beam, step), generator=gen)  # few symbols: repeats
+        lprobs = torch.randn(bsz * beam, vocab, generator=gen)
+        lprobs[:, pad] = -math.inf  # as the generator does before blocking
+        expected = stock._no_repeat_ngram(tokens, lprobs.clone(), bsz, beam, step)
+        got = ours._no_repeat_ngram(tokens, lprobs.clone(), bsz, beam, step)
+        assert torch.equal(expected, got), step
+        banned_any += int(torch.isinf(expected).sum()) - bsz * beam
+    assert banned_any > 0  # the comparison exercised real bans
