@@ -107,7 +107,8 @@ def make_cfg_modify_fn(conf: Conf):
             'dataloader': {'batch_size_per_gpu': conf.batch_size, 'workers_per_gpu': conf.num_workers,
                            'shuffle': True, 'pin_memory': torch.cuda.is_available(),
                            'persistent_workers': conf.num_workers > 0},
-            'optimizer': {'type': 'AdamW', 'lr': conf.lr, 'weight_decay': conf.weight_decay},
+            # fused: torch's one-kernel AdamW (same update rule as the default per-parameter loop, ~3x faster)
+            'optimizer': {'type': 'AdamW', 'lr': conf.lr, 'weight_decay': conf.weight_decay, 'fused': True},
             'lr_scheduler': {'name': 'polynomial_decay', 'warmup_proportion': conf.warmup, 'lr_end': 1e-7},
             'lr_scheduler_hook': {'type': 'LrSchedulerHook', 'by_epoch': False},
             'optimizer_hook': {'type': 'OptimizerHook', 'grad_clip': {'max_norm': 1.0, 'norm_type': 2},

@@ -102,6 +102,7 @@ def main(argv=None) -> int:
 
     def stock_modify(cfg):
         cfg = finetune.make_cfg_modify_fn(base)(cfg)
+        cfg.train.optimizer.pop('fused')  # the stock optimizer: torch's default AdamW implementation
         cfg.dataset = {'column_map': {'text': 'text'}}
         return cfg
     # warm-up: the first training in a process pays one-off costs (thread pools, allocator); untimed
