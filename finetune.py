@@ -15,7 +15,7 @@ from typing import List, Optional
 
 from utils.checkpointing import WorkDirLock, resolve_checkpoint
 from utils import distributed
-from utils.conf import Conf, ConfError, apply_overrides, read_conf, validate
+from utils.conf import PRECISIONS, Conf, ConfError, apply_overrides, read_conf, validate
 
 logger = logging.getLogger('finetune')
 OUTPUT_DIR = 'output'
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument('--work_dir', help='conf: work_dir')
         p.add_argument('--patch_image_size', type=int, help='conf: patch_image_size')
         p.add_argument('--max_image_size', type=int, help='conf: max_image_size')
+        p.add_argument('--precision', choices=PRECISIONS, help='fp32, bf16 or fp16 (conf: precision)')
         p.add_argument('--strict', action='store_const', const=True,
                        help='a bad data row stops the run instead of being skipped and counted')
         p.add_argument('--debug', action='store_true', help='show the traceback of an error')
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CONF_FLAGS = ('batch_size', 'num_workers', 'work_dir', 'patch_image_size', 'max_image_size', 'strict',
+CONF_FLAGS = ('batch_size', 'num_workers', 'work_dir', 'patch_image_size', 'max_image_size', 'strict', 'precision',
               'max_epochs', 'lr', 'warmup', 'weight_decay', 'label_smoothing', 'seed', 'log_interval',
               'max_train_samples', 'beam_size', 'max_len', 'no_repeat_ngram_size')
 
@@ -159,13 +160,13 @@ def build_trainer(conf: Conf, rows: List[dict], style_map, model_dir: str):
             distributed.barrier()
         train.use_image_cache(cache)
     dataset = StylishCaptionDataset(rows, preprocessor['train'])
-    if distributed.launched():
-        import utils.torchrun_hooks  # noqa: F401  (registers distributed.HOOK_TYPE)
+    from utils.train_hooks import TrainStepHook  # also registers distributed.HOOK_TYPE
     with no_hub_check_for_local_model(conf.model_is_local):
         trainer = OFATrainer(model=conf.model_name, model_revision=conf.model_revision,
                              cfg_modify_fn=make_cfg_modify_fn(conf), train_dataset=dataset,
                              preprocessor=preprocessor, work_dir=conf.work_dir, seed=conf.seed)
     use_atomic_checkpoints(trainer)
+    trainer.register_hook(TrainStepHook(conf.precision))
     return trainer
 
 
@@ -245,7 +246,7 @@ def demo_report(conf: Conf, output: str) -> dict:
     images = sorted({r['image'] for r in rows})
     items = [{'image': img, 'style': s} for img in images for s in STYLES]
     captioner = Captioner(output, beam_size=conf.beam_size, max_len=conf.max_len,
-                          no_repeat_ngram_size=conf.no_repeat_ngram_size)
+                          no_repeat_ngram_size=conf.no_repeat_ngram_size, precision=conf.precision)
     caps = captioner.caption(items, batch_size=32)
     truth = {r['image']: r['text'] for r in rows}
     followed = content = 0

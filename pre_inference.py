@@ -15,7 +15,7 @@ import random
 import sys
 from typing import List, Optional
 
-from utils.conf import ConfError, apply_overrides, read_conf, validate
+from utils.conf import PRECISIONS, ConfError, apply_overrides, read_conf, validate
 from utils.data import DataError, check_image, image_path, read_split
 from utils.styles import UnknownStyleError
 
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--beam_size', type=int, help='conf: beam_size')
     p.add_argument('--max_len', type=int, help='conf: max_len')
     p.add_argument('--no_repeat_ngram_size', type=int, help='conf: no_repeat_ngram_size')
+    p.add_argument('--precision', choices=PRECISIONS, help='fp32, bf16 or fp16 autocast (conf: precision)')
     p.add_argument('--debug', action='store_true', help='show the traceback of an error')
     return p
 
@@ -107,7 +108,7 @@ def run(args) -> int:
 
     conf = apply_overrides(read_conf(args.conf), batch_size=args.batch_size, num_workers=args.num_workers,
                            beam_size=args.beam_size, max_len=args.max_len,
-                           no_repeat_ngram_size=args.no_repeat_ngram_size)
+                           no_repeat_ngram_size=args.no_repeat_ngram_size, precision=args.precision)
     validate(conf, splits=() if args.json else ('test',))
     if args.n_samples is not None and args.n_samples < 1:
         raise ConfError(f'-n must be at least 1, got {args.n_samples}')

@@ -43,6 +43,7 @@ def test_valid_conf_loads_with_defaults(make_conf):
     ({'train_json': 'nope.json'}, '"train_json": file'),
     ({'model_name': '/nonexistent/model'}, '"model_name": local model dir /nonexistent/model does not exist'),
     ({'file_attr': ''}, '"file_attr" must not be empty'),
+    ({'precision': 'fp8'}, '"precision" must be one of fp32, bf16, fp16'),
 ])
 def test_bad_conf_names_the_key(make_conf, overrides, key):
     with pytest.raises(ConfError) as e:

@@ -177,3 +177,20 @@ def test_vectorised_ngram_blocker_bans_what_the_stock_one_bans(n):
         assert torch.equal(expected, got), step
         banned_any += int(torch.isinf(expected).sum()) - bsz * beam
     assert banned_any > 0  # the comparison exercised real bans
+
+
+def test_captioning_in_bf16(trained, test_rows):
+    """precision bf16: generation runs under autocast (the decoder's logits are bf16) and still captions."""
+    import torch
+
+    from utils.captioner import load_captioner
+    from utils.conf import apply_overrides, read_conf
+    conf, rows = test_rows
+    captioner = load_captioner(apply_overrides(read_conf(trained[0]), precision='bf16'))
+    seen = set()
+    captioner.model.model.decoder.output_projection.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+    items = [{'style': r['personality'], 'image': str(Path(conf['img_addr']) / (r['image_hash'] + '.jpg'))}
+             for r in rows]
+    captions = captioner.caption(items, batch_size=4)
+    assert seen == {torch.bfloat16}
+    assert len(captions) == len(items) and all(c.strip() for c in captions)

@@ -87,3 +87,36 @@ def test_resume_with_other_styles_is_refused(trained, tmp_path, capsys):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith('error: ')]
     assert len(errors) == 1 and 'styles differ from those it was trained with' in errors[0]
     assert sorted(p.name for p in trained[1].iterdir()) == before
+
+
+@pytest.mark.parametrize('precision, dtype', [('bf16', torch.bfloat16), ('fp16', torch.float16)])
+def test_mixed_precision_training(make_conf, monkeypatch, precision, dtype):
+    """precision bf16/fp16: the forward the OFA criterion runs is under autocast (the logits come out in
+    that dtype), fp16 steps go through a gradient scaler, the loss stays finite and the weights saved
+    in output/ are fp32."""
+    from utils.train_hooks import TrainStepProcessor
+    seen, scalers = set(), []
+    build = finetune.build_trainer
+
+    def build_and_watch(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        projection = trainer.model.model.decoder.output_projection
+        projection.register_forward_hook(lambda m, i, out: seen.add(out.dtype) if m.training else None)
+        return trainer
+    monkeypatch.setattr(finetune, 'build_trainer', build_and_watch)
+    step = TrainStepProcessor.backward
+
+    def backward(self, trainer, *args):
+        scalers.append(self.scaler)
+        return step(self, trainer, *args)
+    monkeypatch.setattr(TrainStepProcessor, 'backward', backward)
+
+    path = make_conf(precision=precision)
+    assert finetune.main(['train', '--conf', path]) == 0
+    assert seen == {dtype}
+    assert len(scalers) == 6 and all((s is not None) == (precision == 'fp16') for s in scalers)
+    work = Path(json.loads(Path(path).read_text())['work_dir'])
+    losses = [e['loss'] for e in read_log_json(work) if e.get('mode') == 'train']
+    assert len(losses) == 6 and all(l == l and abs(l) < 100 for l in losses)  # finite
+    weights = torch.load(work / 'output' / 'pytorch_model.bin', weights_only=True)
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}

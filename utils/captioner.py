@@ -7,6 +7,7 @@ ModelScope's OFA ``collate_fn`` and generated together by ModelScope's OFA ``Seq
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from functools import partial
@@ -38,7 +39,7 @@ class Captioner:
 
     def __init__(self, model: str, revision: Optional[str] = None, *, beam_size: int = 5, max_len: int = 16,
                  no_repeat_ngram_size: int = 3, model_cfg: Optional[dict] = None, device: Optional[str] = None,
-                 fast: bool = True):
+                 fast: bool = True, precision: str = 'fp32'):
         from modelscope.models import Model
         from modelscope.models.multi_modal.ofa.generate import sequence_generator as sg
 
@@ -58,6 +59,7 @@ class Captioner:
             speed_up(self.model, self.model.generator)
         self.device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
         self.model.to(self.device).eval()
+        self.precision = precision  # fp32, or bf16/fp16 autocast around generation (weights stay fp32)
         tok = self.model.tokenizer
         self.collate = partial(_collate, pad_idx=tok.pad_token_id, eos_idx=tok.eos_token_id)
 
@@ -71,7 +73,9 @@ class Captioner:
         loader = DataLoader(_StyledImages(items, self.preprocessor), batch_size=batch_size, shuffle=False,
                             num_workers=num_workers, collate_fn=self.collate)
         captions: List[str] = []
-        with torch.inference_mode():
+        autocast = contextlib.nullcontext() if self.precision == 'fp32' else torch.autocast(
+            device_type=self.device.type, dtype={'bf16': torch.bfloat16, 'fp16': torch.float16}[self.precision])
+        with torch.inference_mode(), autocast:
             for batch in tqdm(loader, desc='captioning', unit='batch', disable=not progress):
                 out = self.model(batch)  # forward (generation) + postprocess
                 caps = out['caption']
@@ -109,7 +113,7 @@ def load_captioner(conf, model: Optional[str] = None, checkpoint: Optional[str] 
     model_dir = trained_model_dir(conf, model)
     try:
         captioner = Captioner(model_dir, revision, beam_size=conf.beam_size, max_len=conf.max_len,
-                              no_repeat_ngram_size=conf.no_repeat_ngram_size,
+                              no_repeat_ngram_size=conf.no_repeat_ngram_size, precision=conf.precision,
                               model_cfg={'patch_image_size': conf.patch_image_size,
                                          'max_image_size': conf.max_image_size})
     except FileNotFoundError as e:  # e.g. a model dir without style_map.json

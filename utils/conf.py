@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 DEFAULT_PROMPT = ' what does the image describe? write a {} reply.'
+PRECISIONS = ('fp32', 'bf16', 'fp16')
 HUB_ID = re.compile(r'^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$')
 
 
@@ -56,6 +57,7 @@ class Conf:
     max_train_samples: Optional[int] = None  # use only the first N train rows (null: all)
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)  # CheckpointHook settings
     image_cache: Optional[str] = None  # folder for a cache of decoded, resized train images (null: off)
+    precision: str = 'fp32'         # fp32, bf16 or fp16 (autocast; fp16 with a loss scaler): training and captioning
 
     # --- images and generation ---
     patch_image_size: Optional[int] = None  # side of the square image the model sees (null: the model's own)
@@ -169,6 +171,8 @@ def validate(conf: Conf, splits=('train', 'val', 'test')) -> Conf:
     for key in ['num_workers', 'no_repeat_ngram_size']:
         if getattr(conf, key) < 0:
             raise ConfError(f'conf key "{key}" must not be negative, got {getattr(conf, key)}')
+    if conf.precision not in PRECISIONS:
+        raise ConfError(f'conf key "precision" must be one of {", ".join(PRECISIONS)}, got {conf.precision!r}')
     if not conf.lr > 0:
         raise ConfError(f'conf key "lr" must be positive, got {conf.lr}')
     if not 0 <= conf.warmup < 1:
