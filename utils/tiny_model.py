@@ -11,7 +11,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -20,9 +20,15 @@ N_CODES, N_BINS = 8192, 1000  # tokens ModelScope's OFA preprocessor adds to the
 
 
 def build_tiny_ofa(model_dir: str, texts: Iterable[str], *, d_model: int = 64, layers: int = 2,
-                   image_size: int = 64, bpe_vocab_size: int = 400, seed: int = 0) -> str:
+                   image_size: int = 64, bpe_vocab_size: int = 400, seed: int = 0, heads: int = 4,
+                   resnet_type: str = 'resnet18', text_vocab_size: Optional[int] = None) -> str:
     """Write a tiny random OFA model dir that ModelScope's Model.from_pretrained, OFATrainer,
-    OfaPreprocessor and image-captioning pipeline accept. Returns model_dir."""
+    OfaPreprocessor and image-captioning pipeline accept. Returns model_dir.
+
+    The defaults make a model small enough for tests on a CPU. With d_model, layers, heads, resnet_type
+    and ``text_vocab_size=50265`` (the BPE vocabulary is padded with unused tokens up to that size, as in
+    the real OFA vocabulary of 50265 + 8192 codes + 1000 bins) it has the shape of a real OFA size:
+    OFA-tiny is d_model 256, 4+4 layers, 4 heads, resnet50; OFA-base 768, 6+6, 12, resnet101."""
     import torch
     from tokenizers import ByteLevelBPETokenizer
     from modelscope.models.multi_modal.ofa import OFAModel
@@ -38,16 +44,21 @@ def build_tiny_ofa(model_dir: str, texts: Iterable[str], *, d_model: int = 64, l
         for name in ('vocab.json', 'merges.txt'):
             (out / name).write_bytes((Path(tmp) / name).read_bytes())
     base_vocab = bpe.get_vocab_size()
+    if text_vocab_size and text_vocab_size > base_vocab:  # unused tokens, for a realistic output layer
+        vocab = json.loads((out / 'vocab.json').read_text(encoding='utf-8'))
+        vocab.update({f'<unused_{i}>': i for i in range(base_vocab, text_vocab_size)})
+        (out / 'vocab.json').write_text(json.dumps(vocab), encoding='utf-8')
+        base_vocab = text_vocab_size
 
     config = OFAConfig(
         vocab_size=base_vocab + N_CODES + N_BINS,
         max_position_embeddings=64,
         encoder_layers=layers, decoder_layers=layers,
         encoder_ffn_dim=4 * d_model, decoder_ffn_dim=4 * d_model,
-        encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_attention_heads=heads, decoder_attention_heads=heads,
         d_model=d_model,
         dropout=0.0,
-        resnet_type='resnet18',
+        resnet_type=resnet_type,
         token_bucket_size=32, image_bucket_size=max(4, image_size // 16 + 1),
         pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=0, forced_eos_token_id=2,
     )
