@@ -310,7 +310,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return run_reporting_errors(run, debug=args.debug)
     finally:
-        distributed.finish()
+        if distributed.launched():
+            distributed.finish()
 
 
 if __name__ == '__main__':
