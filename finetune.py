@@ -286,15 +286,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         style_map = build_style_map(conf, rows, checkpoint) if args.mode == 'train' else None
         return conf, checkpoint, rows, stats, style_map
 
+    if args.mode == 'train' and distributed.launched():
+        distributed.init()
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 prepares first: it may build the demo's assets
     prepared = run_reporting_errors(prepare, debug=args.debug)
     if isinstance(prepared, int):
         return prepared
+    if distributed.is_main():
+        distributed.barrier()
     conf, checkpoint, rows, stats, style_map = prepared
 
     def run():
         main_rank = distributed.is_main()
-        if args.mode == 'train' and distributed.launched():
-            distributed.init()
         lock = WorkDirLock(conf.work_dir) if args.mode == 'train' and main_rank else contextlib.nullcontext()
         log = log_to_file(os.path.join(conf.work_dir, f'{args.mode}_{stamp}.log')) if main_rank \
             else contextlib.nullcontext()

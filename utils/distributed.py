@@ -59,6 +59,8 @@ def init() -> str:
 
 
 def barrier() -> None:
+    if not launched():
+        return
     import torch.distributed as dist
     if dist.is_initialized():
         dist.barrier()
