@@ -101,15 +101,14 @@ def main(argv=None) -> int:
     if args.warmup < 1:
         p.error('--warmup must be at least 1 (the FLOPs are counted in the first, untimed, iteration)')
 
-    from utils.runtime import no_hub_check_for_local_model, setup_logging
+    from utils.runtime import setup_logging
     setup_logging()
     import torch
     from modelscope.pipelines import pipeline
-    from modelscope.trainers.multi_modal.ofa.ofa_trainer import OFATrainer
     from modelscope.utils.constant import Tasks
 
     import finetune
-    from bench.bench_train import realistic_images
+    from bench.bench_train import realistic_images, stock_trainer
     from utils.captioner import Captioner
     from utils.conf import DEFAULT_PROMPT, conf_from_dict, validate
     from utils.data import read_split
@@ -152,22 +151,7 @@ def main(argv=None) -> int:
         style_map = StyleMap.build(list(STYLES), True, base.prompt_template)
         results = {}
         if not args.skip_stock:
-            class Rows(torch.utils.data.Dataset):
-                def __len__(self):
-                    return len(train_rows)
-
-                def __getitem__(self, i):
-                    return {'image': train_rows[i]['image'], 'text': train_rows[i]['text']}
-
-            def stock_modify(cfg):
-                cfg = finetune.make_cfg_modify_fn(base)(cfg)
-                cfg.train.optimizer.pop('fused')
-                cfg.dataset = {'column_map': {'text': 'text'}}
-                return cfg
-            with no_hub_check_for_local_model(True):
-                stock = OFATrainer(model=model_dir, cfg_modify_fn=stock_modify, work_dir=base.work_dir,
-                                   train_dataset=Rows(), seed=42)
-            results['stock OFATrainer, fp32'] = measure(stock, args.batch, args.warmup)
+            results['stock OFATrainer, fp32'] = measure(stock_trainer(base, train_rows), args.batch, args.warmup)
         for precision in args.precisions.split(','):
             c = conf(precision, precision=precision, image_cache=f'{root}/cache_{size}')
             trainer = finetune.build_trainer(c, train_rows, style_map, model_dir)

@@ -4,8 +4,9 @@ generation settings (beam 5, max_len 16, no-repeat 3), warm, in one run on one m
 
     python3 -m bench.bench_inference [--images 64] [--batch 16] [--size 64] [--device cpu|cuda]
 
-Prints seconds per caption of each path (best of --repeat warm passes) and the ratios. The model is a tiny randomly initialised OFA
-(d_model 64, 2+2 layers, ResNet-18-style stem) built locally: nothing is downloaded.
+Prints seconds per caption of each path (best of --repeat warm passes) and the ratios. The model is a
+tiny randomly initialised OFA (d_model 64, 2+2 layers, ResNet-18-style stem) built locally: nothing is
+downloaded.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
     p.add_argument('--repeat', type=int, default=3, help='timed passes per path (the best is kept)')
     args = p.parse_args(argv)
 
-    from utils.runtime import setup_logging
+    from utils.runtime import pick_device, setup_logging
     setup_logging()
     import torch
     from modelscope.pipelines import pipeline
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as root:
         model_dir, images, styles = build_assets(root, args.images, args.size)
-        device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+        device = pick_device(args.device)
         pipe = pipeline(Tasks.image_captioning, model=model_dir, device='gpu' if device == 'cuda' else 'cpu')
         captioner = Captioner(model_dir, beam_size=5, max_len=16, no_repeat_ngram_size=3, device=device)
         items = [{'image': img, 'style': styles[i % len(styles)]} for i, img in enumerate(images)]

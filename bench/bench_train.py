@@ -37,6 +37,32 @@ def realistic_images(folder: str, n: int):
     return rows
 
 
+def stock_trainer(conf, rows):
+    """The stock path: OFATrainer with ModelScope's own OfaPreprocessor wrapping a plain dataset of
+    {image, text} rows, torch's default AdamW; conf's training settings otherwise (finetune.py's)."""
+    import torch
+    from modelscope.trainers.multi_modal.ofa.ofa_trainer import OFATrainer
+
+    import finetune
+    from utils.runtime import no_hub_check_for_local_model
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, i):
+            return {'image': rows[i]['image'], 'text': rows[i]['text']}
+
+    def stock_modify(cfg):
+        cfg = finetune.make_cfg_modify_fn(conf)(cfg)
+        cfg.train.optimizer.pop('fused')  # the stock optimizer: torch's default AdamW implementation
+        cfg.dataset = {'column_map': {'text': 'text'}}
+        return cfg
+    with no_hub_check_for_local_model(True):
+        return OFATrainer(model=conf.model_name, cfg_modify_fn=stock_modify, work_dir=conf.work_dir,
+                          train_dataset=Rows(), seed=42)
+
+
 def timed_train(trainer) -> float:
     t = time.perf_counter()
     trainer.train()
@@ -55,13 +81,11 @@ def main(argv=None) -> int:
     from utils.runtime import setup_logging
     setup_logging()
     import torch
-    from modelscope.trainers.multi_modal.ofa.ofa_trainer import OFATrainer
 
     import finetune
     from utils.conf import conf_from_dict, validate
     from utils.data import read_split
     from utils.demo_data import COLOURS, SHAPES, STYLES, caption
-    from utils.runtime import no_hub_check_for_local_model
     from utils.styles import StyleMap
     from utils.tiny_model import build_tiny_ofa
 
@@ -87,30 +111,9 @@ def main(argv=None) -> int:
     style_map = StyleMap.build(list(STYLES), True, base.prompt_template)
     results = {}
 
-    # the stock path: OFATrainer builds ModelScope's own OfaPreprocessor and wraps a plain dataset of
-    # {image, text} rows with it
-    class Rows(torch.utils.data.Dataset):
-        def __init__(self, rows):
-            self.rows = rows
-
-        def __len__(self):
-            return len(self.rows)
-
-        def __getitem__(self, i):
-            return self.rows[i]
-    stock_rows = Rows([{'image': r['image'], 'text': r['text']} for r in train_rows])
-
-    def stock_modify(cfg):
-        cfg = finetune.make_cfg_modify_fn(base)(cfg)
-        cfg.train.optimizer.pop('fused')  # the stock optimizer: torch's default AdamW implementation
-        cfg.dataset = {'column_map': {'text': 'text'}}
-        return cfg
     # warm-up: the first training in a process pays one-off costs (thread pools, allocator); untimed
     timed_train(finetune.build_trainer(conf('warmup', max_epochs=1), train_rows, style_map, model_dir))
-    with no_hub_check_for_local_model(True):
-        stock = OFATrainer(model=model_dir, cfg_modify_fn=stock_modify, work_dir=base.work_dir,
-                           train_dataset=stock_rows, seed=42)
-    results['stock OFATrainer + OfaPreprocessor, workers 0'] = timed_train(stock)
+    results['stock OFATrainer + OfaPreprocessor, workers 0'] = timed_train(stock_trainer(base, train_rows))
 
     for name, extra in [('finetune.py, workers 0', {}),
                         ('finetune.py + image cache, workers 0', {'image_cache': f'{root}/cache'}),

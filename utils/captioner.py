@@ -7,7 +7,6 @@ ModelScope's OFA ``collate_fn`` and generated together by ModelScope's OFA ``Seq
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from functools import partial
@@ -17,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from utils.runtime import autocast, pick_device
 from utils.styles import UnknownStyleError
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class Captioner:
         if fast:  # the generator's key/value cache and a vectorised n-gram blocker: same captions, faster
             from utils.fast_generation import speed_up
             speed_up(self.model, self.model.generator)
-        self.device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        self.device = torch.device(pick_device(device))
         self.model.to(self.device).eval()
         self.precision = precision  # fp32, or bf16/fp16 autocast around generation (weights stay fp32)
         tok = self.model.tokenizer
@@ -73,9 +73,7 @@ class Captioner:
         loader = DataLoader(_StyledImages(items, self.preprocessor), batch_size=batch_size, shuffle=False,
                             num_workers=num_workers, collate_fn=self.collate)
         captions: List[str] = []
-        autocast = contextlib.nullcontext() if self.precision == 'fp32' else torch.autocast(
-            device_type=self.device.type, dtype={'bf16': torch.bfloat16, 'fp16': torch.float16}[self.precision])
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), autocast(self.precision, self.device.type):
             for batch in tqdm(loader, desc='captioning', unit='batch', disable=not progress):
                 out = self.model(batch)  # forward (generation) + postprocess
                 caps = out['caption']

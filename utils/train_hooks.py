@@ -26,20 +26,17 @@ from modelscope.trainers.hooks.builder import HOOKS
 from modelscope.trainers.hooks.distributed.ddp_hook import DDPHook
 from modelscope.trainers.hooks.hook import Hook
 from modelscope.trainers.hooks.optimizer.base import OptimizerHook, OptimizerProcessor
-from modelscope.trainers.hooks.priority import Priority
 from modelscope.utils.constant import DistributedParallelType
 
 from utils.distributed import HOOK_TYPE, init, local_rank
+from utils.runtime import autocast
 
 BUCKET_BYTES = 32 << 20
-DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 class TrainStepHook(Hook):
     """Installs :class:`TrainStepProcessor` on the OptimizerHook, which ``trainer.train()`` registers
     just before it calls every hook's ``register_processor``."""
-
-    PRIORITY = Priority.NORMAL
 
     def __init__(self, precision: str = 'fp32'):
         self.precision = precision
@@ -64,7 +61,7 @@ class TrainStepProcessor(OptimizerProcessor):
             return
         inner = trainer.unwrap_module(trainer.model).model  # the OFAModel the criterion calls
         device = next(inner.parameters()).device.type
-        inner.forward = torch.autocast(device_type=device, dtype=DTYPES[self.precision])(inner.forward)
+        inner.forward = autocast(self.precision, device)(inner.forward)
         if self.precision == 'fp16':
             self.scaler = torch.amp.GradScaler(device)
 
