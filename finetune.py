@@ -183,12 +183,10 @@ def detach_file_logs(work_dir: str) -> None:
 
 def read_data(conf: Conf, mode: str, n_samples: Optional[int] = None):
     """The rows a run needs (train split, or test split for eval), read before anything is written."""
-    from utils.data import read_split
+    from utils.data import load_split
     if mode == 'train':
-        return read_split(conf.split_path('train'), conf.img_addr, conf.file_attr, 'train',
-                          strict=conf.strict, limit=conf.max_train_samples)
-    return read_split(conf.split_path('test'), conf.img_addr, conf.file_attr, 'test',
-                      strict=conf.strict, limit=n_samples)
+        return load_split(conf, 'train', limit=conf.max_train_samples)
+    return load_split(conf, 'test', limit=n_samples)
 
 
 def build_style_map(conf: Conf, rows: List[dict], checkpoint: Optional[str]):
@@ -239,10 +237,10 @@ def train(conf: Conf, checkpoint: Optional[str], stamp: str, rows: List[dict], s
 def demo_report(conf: Conf, output: str) -> dict:
     """Demo only: caption every held-out test image in every style; how often is the style followed?"""
     from utils.captioner import Captioner
-    from utils.data import read_split
+    from utils.data import load_split
     from utils.demo_data import COLOURS, SHAPES, STYLES, content_correct, style_followed
 
-    rows, _ = read_split(conf.split_path('test'), conf.img_addr, conf.file_attr, 'test')
+    rows, _ = load_split(conf, 'test')
     images = sorted({r['image'] for r in rows})
     items = [{'image': img, 'style': s} for img in images for s in STYLES]
     captioner = Captioner(output, beam_size=conf.beam_size, max_len=conf.max_len,

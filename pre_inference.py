@@ -16,7 +16,7 @@ import sys
 from typing import List, Optional
 
 from utils.conf import PRECISIONS, ConfError, apply_overrides, read_conf, validate
-from utils.data import DataError, check_image, image_path, read_split
+from utils.data import DataError, check_image, image_path, load_split
 from utils.styles import UnknownStyleError
 
 logger = logging.getLogger('pre_inference')
@@ -50,7 +50,7 @@ def reference_value(refs: List[str]):
 
 def test_items(conf, n: Optional[int], pick_random: bool):
     """Items of the test split (all, the first n, or n at random) and the split's row counts."""
-    rows, stats = read_split(conf.split_path('test'), conf.img_addr, conf.file_attr, 'test', strict=conf.strict)
+    rows, stats = load_split(conf, 'test')
     if n is not None and n < len(rows):
         rows = random.Random(conf.seed).sample(rows, n) if pick_random else rows[:n]
     items = [{'style': r['style'], 'image': r['image'], 'reference': reference_value(r['references'])}

@@ -168,3 +168,11 @@ def read_styles(dataset_path: str, rows: List[dict]) -> List[str]:
     if listed and extra:
         logger.warning('%d styles used by the data are missing from %s: %s', len(extra), pfile, ', '.join(extra))
     return listed + extra
+
+
+def load_split(conf, split: str, *, limit: Optional[int] = None, check_images: bool = True
+               ) -> Tuple[List[dict], SplitStats]:
+    """The rows of one split of a conf (``train``, ``val`` or ``test``): ``[{"style", "text", "image",
+    "references", "row"}]`` and the counts of what was skipped. The one way every entry point reads data."""
+    return read_split(conf.split_path(split), conf.img_addr, conf.file_attr, split, strict=conf.strict,
+                      check_images=check_images, limit=limit)
