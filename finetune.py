@@ -18,7 +18,7 @@ from utils import distributed
 from utils.conf import PRECISIONS, Conf, ConfError, apply_overrides, read_conf, validate
 
 logger = logging.getLogger('finetune')
-OUTPUT_DIR = 'output'
+OUTPUT_DIR = 'output'  # utils.training.trainer.OUTPUT_DIR
 
 
 # ---------------------------------------------------------------- command line
@@ -78,109 +78,6 @@ def load_conf(args) -> Conf:
 
 # ---------------------------------------------------------------- train
 
-def model_dir_of(conf: Conf) -> str:
-    """The local dir of conf.model_name: the dir itself, or the hub snapshot (downloaded if needed)."""
-    if conf.model_is_local:
-        return conf.model_name
-    from modelscope.hub.snapshot_download import snapshot_download
-    return snapshot_download(conf.model_name, revision=conf.model_revision)
-
-
-def model_cfg_overrides(conf: Conf) -> dict:
-    return {'patch_image_size': conf.patch_image_size, 'max_image_size': conf.max_image_size}
-
-
-def make_cfg_modify_fn(conf: Conf):
-    """The training section of the ModelScope configuration, from the conf (nothing else sets it)."""
-    import torch
-
-    def cfg_modify_fn(cfg):
-        cfg.task = 'image-captioning'  # a pretrain checkpoint becomes a captioning model
-        cfg.pipeline = {'type': 'image-captioning'}
-        for key, value in model_cfg_overrides(conf).items():
-            if value is not None:
-                cfg.model[key] = value
-        cfg.model['beam_search'] = {'beam_size': conf.beam_size, 'max_len_b': conf.max_len, 'min_len': 1,
-                                    'no_repeat_ngram_size': conf.no_repeat_ngram_size}
-        cfg.train = {
-            'work_dir': conf.work_dir,
-            'max_epochs': conf.max_epochs,
-            'dataloader': {'batch_size_per_gpu': conf.batch_size, 'workers_per_gpu': conf.num_workers,
-                           'shuffle': True, 'pin_memory': torch.cuda.is_available(),
-                           'persistent_workers': conf.num_workers > 0},
-            # fused: torch's one-kernel AdamW (same update rule as the default per-parameter loop, ~3x faster)
-            'optimizer': {'type': 'AdamW', 'lr': conf.lr, 'weight_decay': conf.weight_decay, 'fused': True},
-            'lr_scheduler': {'name': 'polynomial_decay', 'warmup_proportion': conf.warmup, 'lr_end': 1e-7},
-            'lr_scheduler_hook': {'type': 'LrSchedulerHook', 'by_epoch': False},
-            'optimizer_hook': {'type': 'OptimizerHook', 'grad_clip': {'max_norm': 1.0, 'norm_type': 2},
-                               'loss_keys': 'loss'},
-            'criterion': {'name': 'AdjustLabelSmoothedCrossEntropyCriterion',
-                          'label_smoothing': conf.label_smoothing, 'ignore_prefix_size': 0,
-                          'ignore_eos': False, 'report_accuracy': False, 'sentence_avg': False,
-                          'drop_worst_ratio': 0.0, 'drop_worst_after': 0, 'use_rdrop': False,
-                          'reg_alpha': 1.0, 'sample_patch_num': 196, 'constraint_range': None},
-            'hooks': [
-                {'type': 'CheckpointHook', 'by_epoch': conf.checkpoint.by_epoch,
-                 'interval': conf.checkpoint.interval, 'max_checkpoint_num': conf.checkpoint.max_checkpoint_num,
-                 'output_sub_dir': OUTPUT_DIR},
-                {'type': 'TextLoggerHook', 'interval': conf.log_interval},
-                {'type': 'IterTimerHook'},
-            ],
-        }
-        if distributed.launched():
-            cfg.train['hooks'].append({'type': distributed.HOOK_TYPE})
-        cfg.evaluation = {'dataloader': {'batch_size_per_gpu': conf.batch_size,
-                                         'workers_per_gpu': conf.num_workers}, 'metrics': []}
-        return cfg
-    return cfg_modify_fn
-
-
-def build_trainer(conf: Conf, rows: List[dict], style_map, model_dir: str):
-    from modelscope.trainers.multi_modal.ofa.ofa_trainer import OFATrainer
-
-    from preprocessors import OfaPreprocessorForStylishIC
-    from utils.atomic_checkpoint import use_atomic_checkpoints
-    from utils.dataset import StylishCaptionDataset
-    from utils.runtime import no_hub_check_for_local_model
-
-    preprocessor = {
-        split: OfaPreprocessorForStylishIC(model_dir, mode=mode, style_map=style_map,
-                                           model_cfg=model_cfg_overrides(conf), no_collate=True)
-        for split, mode in (('train', 'train'), ('val', 'eval'))
-    }
-    if conf.image_cache:
-        from utils.image_cache import ImageCache
-        train = preprocessor['train'].preprocess
-        images = [r['image'] for r in rows]
-        if not distributed.is_main():  # rank 0 builds the cache; the others open it once it is complete
-            distributed.barrier()
-        cache = ImageCache.open_or_build(conf.image_cache, images, train.patch_image_size,
-                                         workers=max(1, conf.num_workers))
-        if distributed.is_main():
-            distributed.barrier()
-        train.use_image_cache(cache)
-    dataset = StylishCaptionDataset(rows, preprocessor['train'])
-    from utils.train_hooks import TrainStepHook  # also registers distributed.HOOK_TYPE
-    with no_hub_check_for_local_model(conf.model_is_local):
-        trainer = OFATrainer(model=conf.model_name, model_revision=conf.model_revision,
-                             cfg_modify_fn=make_cfg_modify_fn(conf), train_dataset=dataset,
-                             preprocessor=preprocessor, work_dir=conf.work_dir, seed=conf.seed)
-    use_atomic_checkpoints(trainer)
-    trainer.register_hook(TrainStepHook(conf.precision))
-    return trainer
-
-
-def detach_file_logs(work_dir: str) -> None:
-    """ModelScope's trainer attaches a file handler for work_dir/{time}.log to its global logger; once
-    the run is over, later work in the same process must not keep writing into that run's log."""
-    root = os.path.abspath(work_dir)
-    log = logging.getLogger('modelscope')
-    for handler in list(log.handlers):
-        if isinstance(handler, logging.FileHandler) and os.path.abspath(handler.baseFilename).startswith(root):
-            log.removeHandler(handler)
-            handler.close()
-
-
 def read_data(conf: Conf, mode: str, n_samples: Optional[int] = None):
     """The rows a run needs (train split, or test split for eval), read before anything is written."""
     from utils.data import load_split
@@ -207,59 +104,6 @@ def build_style_map(conf: Conf, rows: List[dict], checkpoint: Optional[str]):
     logger.info('%d train rows, %d styles (%s in the prompt)', len(rows), len(style_map.tokens),
                 'style tokens' if conf.tokenize_style else 'style words')
     return style_map
-
-
-def train(conf: Conf, checkpoint: Optional[str], stamp: str, rows: List[dict], stats, style_map) -> dict:
-    from utils.runtime import trainer_state_loading, unique_path, write_json_atomic
-
-    model_dir = model_dir_of(conf)
-    trainer = build_trainer(conf, rows, style_map, model_dir)
-    try:
-        with trainer_state_loading():
-            trainer.train(checkpoint)
-    finally:
-        detach_file_logs(conf.work_dir)
-    output = os.path.join(conf.work_dir, OUTPUT_DIR)
-    summary = {'mode': 'train', 'time': stamp, 'checkpoint': checkpoint, 'output': output,
-               'conf': conf.to_dict(), 'data': {'train': stats.to_dict()}, 'styles': len(style_map.tokens),
-               'iterations': trainer.iter}
-    if distributed.launched():
-        summary['world_size'] = distributed.world_size()
-        if not distributed.is_main():
-            return summary  # rank 0 writes the summary and reports
-    logger.info('trained model: %s', output)
-    if conf.demo:
-        summary['demo'] = demo_report(conf, output)
-    write_json_atomic(unique_path(conf.work_dir, 'train', stamp), summary)
-    return summary
-
-
-def demo_report(conf: Conf, output: str) -> dict:
-    """Demo only: caption every held-out test image in every style; how often is the style followed?"""
-    from utils.captioner import Captioner
-    from utils.data import load_split
-    from utils.demo_data import COLOURS, SHAPES, STYLES, content_correct, style_followed
-
-    rows, _ = load_split(conf, 'test')
-    images = sorted({r['image'] for r in rows})
-    items = [{'image': img, 'style': s} for img in images for s in STYLES]
-    captioner = Captioner(output, beam_size=conf.beam_size, max_len=conf.max_len,
-                          no_repeat_ngram_size=conf.no_repeat_ngram_size, precision=conf.precision)
-    caps = captioner.caption(items, batch_size=32)
-    truth = {r['image']: r['text'] for r in rows}
-    followed = content = 0
-    for item, cap in zip(items, caps):
-        followed += style_followed(item['style'], cap)
-        words = truth[item['image']].split()  # every template ends "... {colour} {shape} ..."
-        colour = next(w for w in words if w in COLOURS)
-        shape = next(w for w in words if w in SHAPES)
-        content += content_correct(colour, shape, cap)
-    for item, cap in list(zip(items, caps))[:8]:
-        logger.info('  %-10s %-28s -> %s', item['style'], os.path.basename(item['image']), cap)
-    report = {'captions': len(items), 'style_followed': followed, 'content_correct': content}
-    logger.info('demo: %d/%d held-out captions follow the requested style, %d/%d name the right colour '
-                'and shape', followed, len(items), content, len(items))
-    return report
 
 
 # ---------------------------------------------------------------- helpers
@@ -303,6 +147,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         with lock, log:
             distributed.barrier()  # the other ranks start once rank 0 holds the work_dir
             if args.mode == 'train':
+                from utils.training import train
                 train(conf, checkpoint, stamp, rows, stats, style_map)
             else:
                 from utils.evaluate import evaluate

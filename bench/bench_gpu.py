@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     from modelscope.pipelines import pipeline
     from modelscope.utils.constant import Tasks
 
-    import finetune
+    from utils.training import trainer as assembly
     from bench.bench_train import realistic_images, stock_trainer
     from utils.captioner import Captioner
     from utils.conf import DEFAULT_PROMPT, conf_from_dict, validate
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
             results['stock OFATrainer, fp32'] = measure(stock_trainer(base, train_rows), args.batch, args.warmup)
         for precision in args.precisions.split(','):
             c = conf(precision, precision=precision, image_cache=f'{root}/cache_{size}')
-            trainer = finetune.build_trainer(c, train_rows, style_map, model_dir)
+            trainer = assembly.build_trainer(c, train_rows, style_map, model_dir)
             results[f'finetune.py, {precision}'] = measure(trainer, args.batch, args.warmup, count_flops=True)
 
         lines.append(f'\n## OFA-{size} size ({shape}) — training')

@@ -43,7 +43,7 @@ def stock_trainer(conf, rows):
     import torch
     from modelscope.trainers.multi_modal.ofa.ofa_trainer import OFATrainer
 
-    import finetune
+    from utils.training import trainer as assembly
     from utils.runtime import no_hub_check_for_local_model
 
     class Rows(torch.utils.data.Dataset):
@@ -54,7 +54,7 @@ def stock_trainer(conf, rows):
             return {'image': rows[i]['image'], 'text': rows[i]['text']}
 
     def stock_modify(cfg):
-        cfg = finetune.make_cfg_modify_fn(conf)(cfg)
+        cfg = assembly.make_cfg_modify_fn(conf)(cfg)
         cfg.train.optimizer.pop('fused')  # the stock optimizer: torch's default AdamW implementation
         cfg.dataset = {'column_map': {'text': 'text'}}
         return cfg
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     setup_logging()
     import torch
 
-    import finetune
+    from utils.training import trainer as assembly
     from utils.conf import conf_from_dict, validate
     from utils.data import read_split
     from utils.demo_data import COLOURS, SHAPES, STYLES, caption
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     results = {}
 
     # warm-up: the first training in a process pays one-off costs (thread pools, allocator); untimed
-    timed_train(finetune.build_trainer(conf('warmup', max_epochs=1), train_rows, style_map, model_dir))
+    timed_train(assembly.build_trainer(conf('warmup', max_epochs=1), train_rows, style_map, model_dir))
     results['stock OFATrainer + OfaPreprocessor, workers 0'] = timed_train(stock_trainer(base, train_rows))
 
     for name, extra in [('finetune.py, workers 0', {}),
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
                         (f'finetune.py + image cache, workers {args.workers}',
                          {'image_cache': f'{root}/cache', 'num_workers': args.workers})]:
         c = conf(name.replace(' ', '_').replace(',', '').replace('+', ''), **extra)
-        trainer = finetune.build_trainer(c, train_rows, style_map, model_dir)  # builds the cache if asked
+        trainer = assembly.build_trainer(c, train_rows, style_map, model_dir)  # builds the cache if asked
         results[name] = timed_train(trainer)
 
     samples = args.images * args.epochs

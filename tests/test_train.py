@@ -9,6 +9,7 @@ import torch
 
 import finetune
 from utils.conf import ConfError
+from utils.training import trainer as assembly
 from conftest import read_log_json
 
 
@@ -96,14 +97,14 @@ def test_mixed_precision_training(make_conf, monkeypatch, precision, dtype):
     in output/ are fp32."""
     from utils.train_hooks import TrainStepProcessor
     seen, scalers = set(), []
-    build = finetune.build_trainer
+    build = assembly.build_trainer
 
     def build_and_watch(*args, **kwargs):
         trainer = build(*args, **kwargs)
         projection = trainer.model.model.decoder.output_projection
         projection.register_forward_hook(lambda m, i, out: seen.add(out.dtype) if m.training else None)
         return trainer
-    monkeypatch.setattr(finetune, 'build_trainer', build_and_watch)
+    monkeypatch.setattr(assembly, 'build_trainer', build_and_watch)
     step = TrainStepProcessor.backward
 
     def backward(self, trainer, *args):

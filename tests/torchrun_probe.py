@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import finetune  # noqa: E402
+from utils.training import trainer as assembly  # noqa: E402
 
 
 def recorder(out_dir):
@@ -50,14 +51,14 @@ def recorder(out_dir):
 
 def main():
     out_dir, argv = sys.argv[1], sys.argv[2:]
-    build = finetune.build_trainer
+    build = assembly.build_trainer
 
     def build_with_recorder(*args, **kwargs):
         trainer = build(*args, **kwargs)
         trainer.register_hook(recorder(out_dir))
         return trainer
 
-    finetune.build_trainer = build_with_recorder
+    assembly.build_trainer = build_with_recorder
     return finetune.main(argv)
 
 

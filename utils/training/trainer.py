@@ -1,0 +1,120 @@
+"""Trainer assembly: ModelScope's OFATrainer with the toolkit's preprocessors, dataset, ModelScope cfg and hooks.
+
+A stage (:mod:`utils.training.stages`) is one configuration of this path: it picks the criterion and the
+stage-specific cfg; validation and the best checkpoint (:mod:`utils.training.validation`) are the same for
+every stage.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import List
+
+from utils import distributed
+from utils.conf import Conf
+
+logger = logging.getLogger(__name__)
+OUTPUT_DIR = 'output'
+
+
+def model_dir_of(conf: Conf) -> str:
+    """The local dir of conf.model_name: the dir itself, or the hub snapshot (downloaded if needed)."""
+    if conf.model_is_local:
+        return conf.model_name
+    from modelscope.hub.snapshot_download import snapshot_download
+    return snapshot_download(conf.model_name, revision=conf.model_revision)
+
+
+def model_cfg_overrides(conf: Conf) -> dict:
+    return {'patch_image_size': conf.patch_image_size, 'max_image_size': conf.max_image_size}
+
+
+def make_cfg_modify_fn(conf: Conf):
+    """The training section of the ModelScope configuration, from the conf (nothing else sets it)."""
+    import torch
+
+    def cfg_modify_fn(cfg):
+        cfg.task = 'image-captioning'  # a pretrain checkpoint becomes a captioning model
+        cfg.pipeline = {'type': 'image-captioning'}
+        for key, value in model_cfg_overrides(conf).items():
+            if value is not None:
+                cfg.model[key] = value
+        cfg.model['beam_search'] = {'beam_size': conf.beam_size, 'max_len_b': conf.max_len, 'min_len': 1,
+                                    'no_repeat_ngram_size': conf.no_repeat_ngram_size}
+        cfg.train = {
+            'work_dir': conf.work_dir,
+            'max_epochs': conf.max_epochs,
+            'dataloader': {'batch_size_per_gpu': conf.batch_size, 'workers_per_gpu': conf.num_workers,
+                           'shuffle': True, 'pin_memory': torch.cuda.is_available(),
+                           'persistent_workers': conf.num_workers > 0},
+            # fused: torch's one-kernel AdamW (same update rule as the default per-parameter loop, ~3x faster)
+            'optimizer': {'type': 'AdamW', 'lr': conf.lr, 'weight_decay': conf.weight_decay, 'fused': True},
+            'lr_scheduler': {'name': 'polynomial_decay', 'warmup_proportion': conf.warmup, 'lr_end': 1e-7},
+            'lr_scheduler_hook': {'type': 'LrSchedulerHook', 'by_epoch': False},
+            'optimizer_hook': {'type': 'OptimizerHook', 'grad_clip': {'max_norm': 1.0, 'norm_type': 2},
+                               'loss_keys': 'loss'},
+            'criterion': {'name': 'AdjustLabelSmoothedCrossEntropyCriterion',
+                          'label_smoothing': conf.label_smoothing, 'ignore_prefix_size': 0,
+                          'ignore_eos': False, 'report_accuracy': False, 'sentence_avg': False,
+                          'drop_worst_ratio': 0.0, 'drop_worst_after': 0, 'use_rdrop': False,
+                          'reg_alpha': 1.0, 'sample_patch_num': 196, 'constraint_range': None},
+            'hooks': [
+                {'type': 'CheckpointHook', 'by_epoch': conf.checkpoint.by_epoch,
+                 'interval': conf.checkpoint.interval, 'max_checkpoint_num': conf.checkpoint.max_checkpoint_num,
+                 'output_sub_dir': OUTPUT_DIR},
+                {'type': 'TextLoggerHook', 'interval': conf.log_interval},
+                {'type': 'IterTimerHook'},
+            ],
+        }
+        if distributed.launched():
+            cfg.train['hooks'].append({'type': distributed.HOOK_TYPE})
+        cfg.evaluation = {'dataloader': {'batch_size_per_gpu': conf.batch_size,
+                                         'workers_per_gpu': conf.num_workers}, 'metrics': []}
+        return cfg
+    return cfg_modify_fn
+
+
+def build_trainer(conf: Conf, rows: List[dict], style_map, model_dir: str):
+    from modelscope.trainers.multi_modal.ofa.ofa_trainer import OFATrainer
+
+    from preprocessors import OfaPreprocessorForStylishIC
+    from utils.atomic_checkpoint import use_atomic_checkpoints
+    from utils.dataset import StylishCaptionDataset
+    from utils.runtime import no_hub_check_for_local_model
+
+    preprocessor = {
+        split: OfaPreprocessorForStylishIC(model_dir, mode=mode, style_map=style_map,
+                                           model_cfg=model_cfg_overrides(conf), no_collate=True)
+        for split, mode in (('train', 'train'), ('val', 'eval'))
+    }
+    if conf.image_cache:
+        from utils.image_cache import ImageCache
+        train = preprocessor['train'].preprocess
+        images = [r['image'] for r in rows]
+        if not distributed.is_main():  # rank 0 builds the cache; the others open it once it is complete
+            distributed.barrier()
+        cache = ImageCache.open_or_build(conf.image_cache, images, train.patch_image_size,
+                                         workers=max(1, conf.num_workers))
+        if distributed.is_main():
+            distributed.barrier()
+        train.use_image_cache(cache)
+    dataset = StylishCaptionDataset(rows, preprocessor['train'])
+    from utils.train_hooks import TrainStepHook  # also registers distributed.HOOK_TYPE
+    with no_hub_check_for_local_model(conf.model_is_local):
+        trainer = OFATrainer(model=conf.model_name, model_revision=conf.model_revision,
+                             cfg_modify_fn=make_cfg_modify_fn(conf), train_dataset=dataset,
+                             preprocessor=preprocessor, work_dir=conf.work_dir, seed=conf.seed)
+    use_atomic_checkpoints(trainer)
+    trainer.register_hook(TrainStepHook(conf.precision))
+    return trainer
+
+
+def detach_file_logs(work_dir: str) -> None:
+    """ModelScope's trainer attaches a file handler for work_dir/{time}.log to its global logger; once
+    the run is over, later work in the same process must not keep writing into that run's log."""
+    root = os.path.abspath(work_dir)
+    log = logging.getLogger('modelscope')
+    for handler in list(log.handlers):
+        if isinstance(handler, logging.FileHandler) and os.path.abspath(handler.baseFilename).startswith(root):
+            log.removeHandler(handler)
+            handler.close()
