@@ -15,6 +15,9 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 DEFAULT_PROMPT = ' what does the image describe? write a {} reply.'
 PRECISIONS = ('fp32', 'bf16', 'fp16')
+STAGES = ('ce', 'scst')
+SCST_SEARCHES = ('beam', 'sample')
+VAL_METRICS = ('Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr', 'SPICE')
 HUB_ID = re.compile(r'^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$')
 
 
@@ -27,6 +30,13 @@ class CheckpointConf:
     by_epoch: bool = False          # save every `interval` epochs (true) or iterations (false)
     interval: int = 5000            # epochs or iterations between checkpoints
     max_checkpoint_num: int = 3     # older checkpoints are deleted beyond this many (null: keep all)
+
+
+@dataclass
+class ScstConf:
+    candidates: int = 5             # captions generated per training sample; each is rewarded against the others' mean
+    search: str = 'beam'            # "beam": the beam's hypotheses (OFA's recipe); "sample": independent samples
+    temperature: float = 1.0        # sampling temperature ("sample" only)
 
 
 @dataclass
@@ -58,6 +68,17 @@ class Conf:
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)  # CheckpointHook settings
     image_cache: Optional[str] = None  # folder for a cache of decoded, resized train images (null: off)
     precision: str = 'fp32'         # fp32, bf16 or fp16 (autocast; fp16 with a loss scaler): training and captioning
+
+    # --- validation and the best checkpoint (utils/training/validation.py) ---
+    eval_interval: Optional[int] = 5000  # iterations between two validations on the val split (null: only at epoch ends)
+    eval_every_epoch: bool = True   # also validate at the end of every epoch
+    val_max_samples: Optional[int] = None  # validate on the first N val rows only (null: all)
+    val_spice: bool = False         # also compute SPICE at each validation (slow; needs its CoreNLP jars)
+    best_metric: str = 'CIDEr'      # metric whose best value picks work_dir/output_best (higher is better)
+
+    # --- training stage (utils/training/stages.py) ---
+    stage: str = 'ce'               # "ce": cross-entropy on the references; "scst": self-critical training on a CIDEr-D reward, from a CE model dir
+    scst: ScstConf = field(default_factory=ScstConf)  # settings of the "scst" stage
 
     # --- images and generation ---
     patch_image_size: Optional[int] = None  # side of the square image the model sees (null: the model's own)
@@ -188,6 +209,22 @@ def validate(conf: Conf, splits=('train', 'val', 'test')) -> Conf:
     if conf.checkpoint.max_checkpoint_num is not None and conf.checkpoint.max_checkpoint_num < 1:
         raise ConfError('conf key "checkpoint.max_checkpoint_num" must be at least 1, '
                         f'got {conf.checkpoint.max_checkpoint_num}')
+    for key in ['eval_interval', 'val_max_samples']:
+        if getattr(conf, key) is not None and getattr(conf, key) < 1:
+            raise ConfError(f'conf key "{key}" must be at least 1 (or null), got {getattr(conf, key)}')
+    if conf.best_metric not in VAL_METRICS:
+        raise ConfError(f'conf key "best_metric" must be one of {", ".join(VAL_METRICS)}, got {conf.best_metric!r}')
+    if conf.best_metric == 'SPICE' and not conf.val_spice:
+        raise ConfError('conf key "best_metric" is SPICE but "val_spice" is false: SPICE is not computed')
+    if conf.stage not in STAGES:
+        raise ConfError(f'conf key "stage" must be one of {", ".join(STAGES)}, got {conf.stage!r}')
+    if conf.scst.candidates < 2:
+        raise ConfError(f'conf key "scst.candidates" must be at least 2 (the baseline is the others\' mean), '
+                        f'got {conf.scst.candidates}')
+    if conf.scst.search not in SCST_SEARCHES:
+        raise ConfError(f'conf key "scst.search" must be one of {", ".join(SCST_SEARCHES)}, got {conf.scst.search!r}')
+    if not conf.scst.temperature > 0:
+        raise ConfError(f'conf key "scst.temperature" must be positive, got {conf.scst.temperature}')
     for key in ['patch_image_size', 'max_image_size']:
         v = getattr(conf, key)
         if v is not None and v < 16:
@@ -216,6 +253,9 @@ def validate(conf: Conf, splits=('train', 'val', 'test')) -> Conf:
         if not os.path.isfile(os.path.join(conf.model_name, 'configuration.json')):
             raise ConfError(f'conf key "model_name": {conf.model_name} has no configuration.json '
                             '(not a ModelScope model dir)')
+    if conf.stage == 'scst' and conf.model_is_local and not os.path.isfile(os.path.join(conf.model_name, 'style_map.json')):
+        raise ConfError(f'conf key "model_name": stage "scst" starts from a model this toolkit trained with cross-entropy '
+                        f'(its output/ or output_best/ dir, with style_map.json); {conf.model_name} has no style_map.json')
     if not os.path.isdir(conf.img_addr):
         raise ConfError(f'conf key "img_addr": folder {conf.img_addr} does not exist')
     if not os.path.isdir(conf.dataset_path):
