@@ -87,12 +87,15 @@ def read_data(conf: Conf, mode: str, n_samples: Optional[int] = None):
 
 
 def build_style_map(conf: Conf, rows: List[dict], checkpoint: Optional[str]):
-    """The style map of this run. Resuming, it must be the one the checkpoint was trained with (saved in
-    work_dir/output): other styles, or another style order, would silently change what each token means."""
+    """The style map of this run: the one model_name carries when this toolkit trained it (extended with
+    new styles, never renumbered), else a new one. Resuming, it must be the one the checkpoint was trained
+    with (saved in work_dir/output): other styles, or another style order, would silently change what each
+    token means."""
     from utils.data import read_styles
-    from utils.styles import StyleMap
+    from utils.styles import StyleMap, training_style_map
 
-    style_map = StyleMap.build(read_styles(conf.dataset_path, rows), conf.tokenize_style, conf.prompt_template)
+    style_map = training_style_map(read_styles(conf.dataset_path, rows), conf.tokenize_style, conf.prompt,
+                                   conf.prompt_template, conf.model_name if conf.model_is_local else None)
     saved = os.path.join(conf.work_dir, OUTPUT_DIR)
     if checkpoint is not None and os.path.isfile(os.path.join(saved, 'style_map.json')):
         before = StyleMap.load(saved)

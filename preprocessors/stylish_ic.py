@@ -24,6 +24,7 @@ from modelscope.utils.constant import Fields, ModeKeys, ModelFile, Tasks
 from utils.styles import StyleMap
 
 STYLISH_IC_PREPROCESSOR = 'ofa-stylish-image-captioning-preprocessor'
+COLUMNS = {'image': 'image', 'text': 'text', 'style': 'style'}  # the fields of a row (utils/data.py)
 
 
 class OfaStylishICPreprocessor(OfaImageCaptioningPreprocessor):
@@ -45,8 +46,10 @@ class OfaStylishICPreprocessor(OfaImageCaptioningPreprocessor):
         super().__init__(cfg, model_dir, mode, *args, **kwargs)
         self.style_map = style_map
         self.image_cache = None
-        self.column_map.setdefault('text', 'text')
-        self.column_map.setdefault('style', 'style')
+        # The rows this preprocessor reads are the toolkit's own (utils/data.py), whatever the model's
+        # configuration.json says: ModelScope's OFA recipe writes `dataset.column_map` (e.g. text ->
+        # caption) there, which the stock preprocessor would apply to our rows.
+        self.column_map = dict(COLUMNS)
         self._source_cache: Dict[str, torch.Tensor] = {}
 
     def style_source(self, style: str) -> torch.Tensor:

@@ -40,6 +40,15 @@ class ScstConf:
 
 
 @dataclass
+class Columns:
+    """Which column of a data file holds each field the toolkit reads (default: Personality-Captions')."""
+    style: str = 'personality'      # the requested style (personality)
+    text: str = 'comment'           # the human caption: the training target and first reference
+    image: str = 'image_hash'       # image: a PCap hash (img_addr + value + file_attr), a file name with its suffix, or an absolute path
+    references: Optional[str] = 'additional_comments'  # extra references of val/test rows (a list; null: none)
+
+
+@dataclass
 class Conf:
     # --- the seed's keys (required unless a default is given) ---
     model_name: str                 # ModelScope hub id (damo/ofa_image-caption_coco_distilled_en) or a local model dir
@@ -47,12 +56,14 @@ class Conf:
     img_addr: str                   # folder of images; image path = img_addr / (image_hash + file_attr)
     dataset_path: str               # folder with the train/val/test JSON files (and personalities.txt, if any)
     file_attr: str                  # image file suffix, e.g. ".jpg"
-    train_json: str                 # file name inside dataset_path
-    val_json: str                   # file name inside dataset_path
-    test_json: str                  # file name inside dataset_path
+    train_json: str                 # file name inside dataset_path: .json (PCap list), .jsonl, .csv or .parquet
+    val_json: str                   # file name inside dataset_path (same formats)
+    test_json: str                  # file name inside dataset_path (same formats)
     work_dir: str                   # checkpoints, output/, logs, inference and eval files go here
     model_revision: Optional[str] = None   # hub revision (v1.0.1); ignored for a local model dir
     prompt: Optional[str] = None    # template with one "{}" for the style; empty/null: DEFAULT_PROMPT
+
+    columns: Columns = field(default_factory=Columns)  # data file column of each field (default: PCap names)
 
     # --- training ---
     max_epochs: int = 3             # epochs to train (CLI -e/--max_epoches)
@@ -194,6 +205,18 @@ def validate(conf: Conf, splits=('train', 'val', 'test')) -> Conf:
             raise ConfError(f'conf key "{key}" must not be negative, got {getattr(conf, key)}')
     if conf.precision not in PRECISIONS:
         raise ConfError(f'conf key "precision" must be one of {", ".join(PRECISIONS)}, got {conf.precision!r}')
+    if not 0 <= conf.seed < 2 ** 32:
+        raise ConfError(f'conf key "seed" must be in [0, 2**32), got {conf.seed}')
+    names = {}
+    for key in ('style', 'text', 'image', 'references'):
+        col = getattr(conf.columns, key)
+        if col is None and key == 'references':
+            continue
+        if not col or not col.strip():
+            raise ConfError(f'conf key "columns.{key}" must name a column, got {col!r}')
+        if col in names:
+            raise ConfError(f'conf keys "columns.{names[col]}" and "columns.{key}" name the same column {col!r}')
+        names[col] = key
     if not conf.lr > 0:
         raise ConfError(f'conf key "lr" must be positive, got {conf.lr}')
     if not 0 <= conf.warmup < 1:
@@ -246,6 +269,8 @@ def validate(conf: Conf, splits=('train', 'val', 'test')) -> Conf:
     if os.path.exists(conf.work_dir) and not os.path.isdir(conf.work_dir):
         raise ConfError(f'conf key "work_dir": {conf.work_dir} exists and is not a folder')
 
+    if conf.image_cache and os.path.exists(conf.image_cache) and not os.path.isdir(conf.image_cache):
+        raise ConfError(f'conf key "image_cache": {conf.image_cache} exists and is not a folder')
     if conf.model_is_local:
         if not os.path.isdir(conf.model_name):
             raise ConfError(f'conf key "model_name": local model dir {conf.model_name} does not exist '
@@ -260,6 +285,12 @@ def validate(conf: Conf, splits=('train', 'val', 'test')) -> Conf:
         raise ConfError(f'conf key "img_addr": folder {conf.img_addr} does not exist')
     if not os.path.isdir(conf.dataset_path):
         raise ConfError(f'conf key "dataset_path": folder {conf.dataset_path} does not exist')
+    from utils.data import SUFFIXES
+    for split in ('train', 'val', 'test'):
+        p = conf.split_path(split)
+        if p.suffix.lower() not in SUFFIXES:
+            raise ConfError(f'conf key "{split}_json": {p.name} is not a data file this toolkit reads '
+                            f'({", ".join(SUFFIXES)})')
     for split in splits:
         p = conf.split_path(split)
         if not p.is_file():

@@ -14,16 +14,20 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 from PIL import Image
 from tqdm import tqdm
+
+from utils.conf import Columns
+from utils.runtime import first_line
 
 logger = logging.getLogger(__name__)
 
 PERSONALITIES_FILE = 'personalities.txt'
 JPEG_EOI = b'\xff\xd9'
 PROGRESS_FROM = 2000  # image checks show a progress bar from this many images on
+PROGRESS_ROWS = 50_000  # reading shows a progress bar from this many rows on
 MAX_PIXELS = 50_000_000  # larger images (decompression bombs, panoramas) are skipped
 
 
@@ -47,9 +51,18 @@ class SplitStats:
         return {'rows': self.rows, 'kept': self.kept, 'skipped': dict(self.skipped)}
 
 
-def image_path(img_addr: str, image_hash: str, file_attr: str) -> str:
-    """img_addr + image_hash + file_attr, whether or not img_addr ends in a separator."""
-    return os.path.join(img_addr, image_hash + file_attr)
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+
+
+def image_path(img_addr: str, value: str, file_attr: str) -> str:
+    """Where a row's image is: an absolute path as it is; a value that already ends in file_attr or an image
+    suffix (``abc.png``) inside img_addr; otherwise img_addr + value + file_attr (PCap's ``image_hash``).
+    A trailing separator on img_addr does not matter."""
+    if os.path.isabs(value):
+        return value
+    if value.lower().endswith(file_attr.lower()) or os.path.splitext(value)[1].lower() in IMAGE_SUFFIXES:
+        return os.path.join(img_addr, value)
+    return os.path.join(img_addr, value + file_attr)
 
 
 def check_image(path: str) -> Optional[str]:
@@ -78,28 +91,62 @@ def check_image(path: str) -> Optional[str]:
     return None
 
 
-def _parse_row(row, with_refs: bool) -> Tuple[Optional[dict], Optional[str]]:
+def _text(row: dict, column: str) -> Tuple[Optional[str], Optional[str]]:
+    """(stripped text of row[column], None) or (None, the reason the row is unusable)."""
+    if column not in row:
+        return None, f'row without "{column}"'
+    value = row[column]
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None, f'row with empty "{column}"'
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # e.g. a numeric image id in a parquet file
+    if not isinstance(value, str):
+        return None, f'row with non-text "{column}"'
+    return value.strip(), None
+
+
+def _references(value) -> Optional[List[str]]:
+    """Extra references: a list of strings (JSON, JSON lines, parquet), or in a CSV cell a JSON list or one
+    plain string. None when the value is malformed."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith('['):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                return None
+        else:
+            return [text] if text else []
+    if not isinstance(value, (list, tuple)):
+        return None
+    return [c.strip() for c in value if isinstance(c, str) and c.strip()]
+
+
+def _parse_row(row, columns: Columns, with_refs: bool) -> Tuple[Optional[dict], Optional[str]]:
     if not isinstance(row, dict):
         return None, 'row not an object'
-    for key in ('personality', 'comment', 'image_hash'):
-        if not isinstance(row.get(key), str):
-            return None, f'row without "{key}"'
-    style, text, image_hash = row['personality'].strip(), row['comment'].strip(), row['image_hash'].strip()
-    if not style or not text or not image_hash:
-        return None, 'row with empty field'
-    refs = [text]
-    if with_refs:
-        extra = row.get('additional_comments') or []
-        if not isinstance(extra, list):
-            return None, 'row with bad "additional_comments"'
-        refs += [c.strip() for c in extra if isinstance(c, str) and c.strip()]
-    return {'style': style, 'text': text, 'image_hash': image_hash, 'references': refs}, None
+    fields = {}
+    for name in ('style', 'text', 'image'):
+        fields[name], reason = _text(row, getattr(columns, name))
+        if reason:
+            return None, reason
+    refs = [fields['text']]
+    if with_refs and columns.references:
+        extra = _references(row.get(columns.references))
+        if extra is None:
+            return None, f'row with bad "{columns.references}"'
+        refs += extra
+    return {'style': fields['style'], 'text': fields['text'], 'image_value': fields['image'],
+            'references': refs}, None
 
 
-def read_split(path, img_addr: str, file_attr: str, split: str, *, strict: bool = False,
-               check_images: bool = True, limit: Optional[int] = None) -> Tuple[List[dict], SplitStats]:
-    """Read one PCap JSON file. Returns the usable rows and the counts of what was skipped."""
-    path = Path(path)
+TABULAR = {'.csv': 'csv', '.jsonl': 'json', '.parquet': 'parquet'}
+SUFFIXES = ('.json',) + tuple(TABULAR)
+
+
+def _json_records(path: Path, split: str, limit: Optional[int]) -> Tuple[int, Iterator[Tuple[int, object]]]:
     try:
         data = json.loads(path.read_text(encoding='utf-8'))
     except FileNotFoundError:
@@ -108,19 +155,75 @@ def read_split(path, img_addr: str, file_attr: str, split: str, *, strict: bool 
         raise DataError(f'{split} file {path} is not valid JSON: {e}') from None
     if not isinstance(data, list):
         raise DataError(f'{split} file {path} must hold a JSON list of rows, got {type(data).__name__}')
+    return len(data[:limit]), enumerate(data[:limit])
+
+
+def _tabular_records(path: Path, split: str, columns: Columns, limit: Optional[int]):
+    """Rows of a CSV, JSON lines or parquet file through HF datasets: the file becomes a memory-mapped
+    Arrow table (cached by datasets, built once per file content) and only the mapped columns are read,
+    a batch at a time, so a 186k-row file is never held in memory twice."""
+    import datasets
+
+    if not path.is_file():
+        raise DataError(f'{split} file {path} does not exist')
+    kind = TABULAR[path.suffix.lower()]
+    kwargs = {}
+    if kind == 'csv':  # every cell as text: image ids like 0012 must not become the number 12
+        text_columns = [c for c in (columns.style, columns.text, columns.image, columns.references) if c]
+        kwargs = {'converters': {c: str for c in text_columns}, 'keep_default_na': False}
+    was = datasets.utils.logging.get_verbosity()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    try:
+        table = datasets.load_dataset(kind, data_files=str(path), split='train', **kwargs)
+    except Exception as e:  # noqa: BLE001 - pyarrow/pandas raise many kinds for a malformed file
+        raise DataError(f'{split} file {path} could not be read as {kind}: {first_line(e)}') from None
+    finally:
+        datasets.utils.logging.set_verbosity(was)
+        datasets.enable_progress_bars()
+    wanted = [c for c in (columns.style, columns.text, columns.image) if c]
+    missing = [c for c in wanted if c not in table.column_names]
+    if missing:
+        field_of = {getattr(columns, f): f for f in ('style', 'text', 'image')}
+        raise DataError(f'{split} file {path} has no column "{missing[0]}" (conf key "columns.{field_of[missing[0]]}"; '
+                        f'the file has: {", ".join(table.column_names)})')
+    if columns.references and columns.references in table.column_names:
+        wanted.append(columns.references)
     if limit is not None:
-        data = data[:limit]
-    stats = SplitStats(split, rows=len(data))
+        table = table.select(range(min(limit, len(table))))
+    table = table.select_columns(wanted)
+
+    def records():
+        i = 0
+        for batch in table.iter(batch_size=4096):
+            for values in zip(*(batch[c] for c in wanted)):
+                yield i, {c: ('' if kind == 'csv' and v is None else v) for c, v in zip(wanted, values)}
+                i += 1
+    return len(table), records()
+
+
+def read_split(path, img_addr: str, file_attr: str, split: str, *, columns: Optional[Columns] = None,
+               strict: bool = False, check_images: bool = True, limit: Optional[int] = None
+               ) -> Tuple[List[dict], SplitStats]:
+    """Read one split: a PCap JSON list, or a CSV / JSON lines / parquet file whose columns ``columns`` maps
+    (default: the PCap names). Returns the usable rows and the counts of what was skipped."""
+    path = Path(path)
+    columns = columns or Columns()
+    if path.suffix.lower() in TABULAR:
+        n, records = _tabular_records(path, split, columns, limit)
+    else:
+        n, records = _json_records(path, split, limit)
+    stats = SplitStats(split, rows=n)
     rows, reasons, seen = [], [], set()
-    for i, raw in enumerate(data):
-        row, reason = _parse_row(raw, with_refs=split != 'train')
+    for i, raw in tqdm(records, total=n, desc=f'reading {split}', unit='row', disable=n < PROGRESS_ROWS):
+        row, reason = _parse_row(raw, columns, with_refs=split != 'train')
         if row is not None:
-            key = (row['style'], row['text'], row['image_hash'])
+            key = (row['style'], row['text'], row['image_value'])
             if key in seen:
                 row, reason = None, 'duplicate row'
             seen.add(key)
         if row is not None:
-            row['image'] = image_path(img_addr, row.pop('image_hash'), file_attr)
+            row['image'] = image_path(img_addr, row.pop('image_value'), file_attr)
             row['row'] = i
         rows.append(row)
         reasons.append(reason)
@@ -174,5 +277,5 @@ def load_split(conf, split: str, *, limit: Optional[int] = None, check_images: b
                ) -> Tuple[List[dict], SplitStats]:
     """The rows of one split of a conf (``train``, ``val`` or ``test``): ``[{"style", "text", "image",
     "references", "row"}]`` and the counts of what was skipped. The one way every entry point reads data."""
-    return read_split(conf.split_path(split), conf.img_addr, conf.file_attr, split, strict=conf.strict,
-                      check_images=check_images, limit=limit)
+    return read_split(conf.split_path(split), conf.img_addr, conf.file_attr, split, columns=conf.columns,
+                      strict=conf.strict, check_images=check_images, limit=limit)

@@ -93,6 +93,12 @@ def log_to_file(path: str):
         handler.close()
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message ('' when it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ''
+
+
 EXIT_USAGE = 2   # bad input: conf, data, checkpoint, style, model dir
 EXIT_FAILURE = 1  # anything else
 
@@ -117,8 +123,7 @@ def run_reporting_errors(fn: Callable, debug: bool = False):
         if debug:
             raise
         logger.debug('unexpected error', exc_info=True)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ''
-        print(f'error: {type(e).__name__}: {first} (run again with --debug for the traceback)', file=sys.stderr)
+        print(f'error: {type(e).__name__}: {first_line(e)} (run again with --debug for the traceback)', file=sys.stderr)
         return EXIT_FAILURE
 
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 STYLE_MAP_FILE = 'style_map.json'
+CODE_TOKEN = re.compile(r'<code_(\d+)>')
 MAX_STYLE_TOKENS = 8192
 
 
@@ -50,6 +52,21 @@ class StyleMap:
         tokens = {s: (f'<code_{i}>' if tokenize_style else s) for i, s in enumerate(styles)}
         return cls(tokenize_style=tokenize_style, prompt=prompt, tokens=tokens)
 
+    def extended(self, styles: Iterable[str]) -> 'StyleMap':
+        """This map plus the styles it lacks, in the given order, after its own tokens: a style it has
+        keeps its token, no token is renumbered."""
+        tokens = dict(self.tokens)
+        new = [s for s in dict.fromkeys(styles) if s not in tokens]
+        if self.tokenize_style:
+            used = [int(m.group(1)) for m in map(CODE_TOKEN.fullmatch, tokens.values()) if m]
+            start = max(used, default=-1) + 1
+            if start + len(new) > MAX_STYLE_TOKENS:
+                raise ValueError(f'{start + len(new)} styles, more than the {MAX_STYLE_TOKENS} <code_k> tokens')
+            tokens.update({s: f'<code_{start + i}>' for i, s in enumerate(new)})
+        else:
+            tokens.update({s: s for s in new})
+        return StyleMap(tokenize_style=self.tokenize_style, prompt=self.prompt, tokens=tokens)
+
     @property
     def styles(self) -> List[str]:
         return list(self.tokens)
@@ -81,3 +98,24 @@ class StyleMap:
                                     '(no style map)')
         data = json.loads(path.read_text(encoding='utf-8'))
         return cls(tokenize_style=bool(data['tokenize_style']), prompt=data['prompt'], tokens=dict(data['tokens']))
+
+
+def training_style_map(styles: List[str], tokenize_style: bool, prompt: Optional[str], default_prompt: str,
+                       model_dir: Optional[str] = None) -> 'StyleMap':
+    """The style map a training run uses. A model dir this toolkit trained (it carries ``style_map.json``)
+    keeps its map: its styles keep their tokens and styles it lacks are appended after them. Its
+    ``tokenize_style`` and prompt must not change (each token would silently change meaning): a conf that
+    asks otherwise is an error (ConfError) naming the key. ``prompt`` empty/None: the model's own."""
+    from utils.conf import ConfError
+
+    if model_dir is None or not (Path(model_dir) / STYLE_MAP_FILE).is_file():
+        return StyleMap.build(styles, tokenize_style, prompt or default_prompt)
+    base = StyleMap.load(model_dir)
+    where = f'model_name {model_dir} was trained with'
+    if tokenize_style != base.tokenize_style:
+        raise ConfError(f'conf key "tokenize_style" is {str(tokenize_style).lower()}, but {where} '
+                        f'tokenize_style {str(base.tokenize_style).lower()} ({STYLE_MAP_FILE}); use the same')
+    if prompt and prompt != base.prompt:
+        raise ConfError(f'conf key "prompt" is {prompt!r}, but {where} {base.prompt!r} ({STYLE_MAP_FILE}); '
+                        'leave "prompt" empty to keep it')
+    return base.extended(styles)
