@@ -1,6 +1,7 @@
 """Checkpoints that survive a kill: every file is written under a temporary name, renamed when complete."""
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 
@@ -24,6 +25,17 @@ class AtomicCheckpointProcessor(CheckpointProcessor):
         shutil.rmtree(partial, ignore_errors=True)
         super().prepare_output(trainer, partial)
         self.staging = (partial, output_dir)
+
+    def copy_files_and_dump_config(self, trainer, output_dir, config, bin_file):
+        """The output's configuration.json names the toolkit's pipeline and preprocessor, so that ModelScope's
+        ``pipeline()`` captions with a style: ModelScope's ``prepare_output`` has just reset ``pipeline.type`` to
+        the task, and a hub model names the stock preprocessor. The file is dumped once, with these values in
+        it; the trainer's own cfg is left as it is."""
+        from preprocessors import STYLISH_IC_PIPELINE, STYLISH_IC_PREPROCESSOR
+        config = copy.deepcopy(config)
+        config['pipeline'] = {'type': STYLISH_IC_PIPELINE}
+        config['preprocessor'] = {'type': STYLISH_IC_PREPROCESSOR}
+        CheckpointProcessor.copy_files_and_dump_config(trainer, output_dir, config, bin_file)
 
     def save_trainer_state(self, trainer, model, train_state_file, meta, save_optimizers):
         tmp = train_state_file + '.tmp'
