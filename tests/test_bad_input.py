@@ -46,6 +46,7 @@ def bad_data(tmp_path, pcap):
     row = {'personality': 'Happy', 'comment': 'nice', 'image_hash': 'ok'}
     files = {
         'train.json': [row],
+        'val.json': [row],
         'notlist.json': {'rows': [row]},
         'nofields.json': [{'personality': 'Happy'}, {'comment': 'x'}],
         'emptycap.json': [row, dict(row, comment='  ')],
@@ -85,7 +86,7 @@ TRAIN_CASES = {
     'train file not a list': (dict(train_json='notlist.json'), (), 'notlist.json'),
     'rows missing fields': (dict(train_json='nofields.json'), (), 'no usable rows'),
     # bad rows, --strict
-    'empty caption': (dict(train_json='emptycap.json'), ('--strict',), 'row 1: row with empty field'),
+    'empty caption': (dict(train_json='emptycap.json'), ('--strict',), 'row 1: row with empty "comment"'),
     'duplicate row': (dict(train_json='dupes.json'), ('--strict',), 'row 1: duplicate row'),
     'image missing': (dict(train_json='missingimg.json'), ('--strict',), 'row 1: image missing'),
     'image truncated': (dict(train_json='trunc.json'), ('--strict',), 'row 1: image truncated'),

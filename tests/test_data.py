@@ -68,7 +68,7 @@ def test_bad_rows_and_images_are_skipped_and_counted(tmp_path, images, caplog):
     assert [r['text'] for r in rows] == ['ok', 'ok too']
     assert stats.rows == 9 and stats.kept == 2
     assert stats.skipped == {'image missing': 1, 'image truncated': 1, 'image empty': 1,
-                             'image unreadable': 1, 'row without "comment"': 1, 'row with empty field': 1,
+                             'image unreadable': 1, 'row without "comment"': 1, 'row with empty "comment"': 1,
                              'row not an object': 1}
     assert 'train: 2/9 rows kept; skipped 7' in caplog.text
 
