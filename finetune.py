@@ -15,7 +15,7 @@ from typing import List, Optional
 
 from utils.checkpointing import WorkDirLock, resolve_checkpoint
 from utils import distributed
-from utils.conf import PRECISIONS, Conf, ConfError, apply_overrides, read_conf, validate
+from utils.conf import PRECISIONS, STAGES, VAL_METRICS, Conf, ConfError, apply_overrides, read_conf, validate
 
 logger = logging.getLogger('finetune')
 OUTPUT_DIR = 'output'  # utils.training.trainer.OUTPUT_DIR
@@ -53,9 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument('--seed', type=int, help='conf: seed')
     train.add_argument('--log_interval', type=int, help='iterations between loss log lines (conf: log_interval)')
     train.add_argument('--max_train_samples', type=int, help='use only the first N train rows')
+    train.add_argument('--stage', choices=STAGES, help='ce or scst (conf: stage)')
+    train.add_argument('--eval_interval', type=int, help='iterations between validations (conf: eval_interval)')
+    train.add_argument('--val_max_samples', type=int, help='validate on the first N val rows (conf: val_max_samples)')
+    train.add_argument('--best_metric', choices=VAL_METRICS, help='picks output_best (conf: best_metric)')
     evaluate.add_argument('--beam_size', type=int, help='conf: beam_size')
     evaluate.add_argument('--max_len', type=int, help='conf: max_len')
     evaluate.add_argument('--no_repeat_ngram_size', type=int, help='conf: no_repeat_ngram_size')
+    evaluate.add_argument('-m', '--model', help='model dir to score, e.g. work_dir/output_best (default: work_dir/output)')
     evaluate.add_argument('-n', '--n_samples', type=int, help='score only the first N test rows')
     evaluate.add_argument('-l', '--log_csv', help='append one row of metrics to this CSV file')
     return parser
@@ -63,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 CONF_FLAGS = ('batch_size', 'num_workers', 'work_dir', 'patch_image_size', 'max_image_size', 'strict', 'precision',
               'max_epochs', 'lr', 'warmup', 'weight_decay', 'label_smoothing', 'seed', 'log_interval',
-              'max_train_samples', 'beam_size', 'max_len', 'no_repeat_ngram_size')
+              'max_train_samples', 'beam_size', 'max_len', 'no_repeat_ngram_size', 'stage', 'eval_interval',
+              'val_max_samples', 'best_metric')
 
 
 def load_conf(args) -> Conf:
@@ -73,7 +79,7 @@ def load_conf(args) -> Conf:
     if conf.demo:
         from utils.demo_data import ensure_demo_assets
         ensure_demo_assets(conf.model_name, conf.dataset_path, conf.img_addr, conf.patch_image_size or 64)
-    return validate(conf, splits=('train',) if args.mode == 'train' else ('test',))
+    return validate(conf, splits=('train', 'val') if args.mode == 'train' else ('test',))
 
 
 # ---------------------------------------------------------------- train
@@ -122,14 +128,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
     def prepare():  # every check that can fail on bad input, before anything is written
+        from utils.training.validation import load_val_rows
         conf = load_conf(args)
         checkpoint = resolve_checkpoint(args.checkpoint, conf.work_dir)
         if args.mode == 'eval':
             from utils.captioner import trained_model_dir
-            trained_model_dir(conf)
+            trained_model_dir(conf, args.model)
         rows, stats = read_data(conf, args.mode, getattr(args, 'n_samples', None))
         style_map = build_style_map(conf, rows, checkpoint) if args.mode == 'train' else None
-        return conf, checkpoint, rows, stats, style_map
+        val_rows = load_val_rows(conf, style_map) if args.mode == 'train' else None
+        return conf, checkpoint, rows, stats, style_map, val_rows
 
     if args.mode == 'train' and distributed.launched():
         distributed.init()
@@ -140,7 +148,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return prepared
     if distributed.is_main():
         distributed.barrier()
-    conf, checkpoint, rows, stats, style_map = prepared
+    conf, checkpoint, rows, stats, style_map, val_rows = prepared
 
     def run():
         main_rank = distributed.is_main()
@@ -151,10 +159,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             distributed.barrier()  # the other ranks start once rank 0 holds the work_dir
             if args.mode == 'train':
                 from utils.training import train
-                train(conf, checkpoint, stamp, rows, stats, style_map)
+                train(conf, checkpoint, stamp, rows, stats, style_map, val_rows)
             else:
                 from utils.evaluate import evaluate
-                evaluate(conf, checkpoint, stamp, rows, stats, log_csv=args.log_csv)
+                evaluate(conf, checkpoint, stamp, rows, stats, log_csv=args.log_csv, model=args.model)
         return 0
 
     try:

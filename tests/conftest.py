@@ -41,6 +41,7 @@ def make_conf(tmp_path, tiny_model, pcap):
             'batch_size': 8, 'max_epochs': 1, 'lr': 1e-3, 'log_interval': 1,
             'patch_image_size': 32, 'max_image_size': 32, 'beam_size': 2, 'max_len': 12,
             'checkpoint': {'by_epoch': False, 'interval': 3, 'max_checkpoint_num': 5},
+            'eval_interval': None, 'eval_every_epoch': False,  # no validation unless a test asks for it
         }
         conf.update(overrides)
         conf = {k: v for k, v in conf.items() if v != '__drop__'}

@@ -76,3 +76,12 @@ def use_atomic_checkpoints(trainer) -> None:
     for hook in trainer.hooks:
         if isinstance(hook, CheckpointHook):
             hook.set_processor(AtomicCheckpointProcessor())
+
+
+def save_model_dir(trainer, output_dir: str) -> None:
+    """A complete model dir of the trainer's current weights in output_dir (a new dir: the caller swaps it in
+    whole), laid out as CheckpointHook lays out ``output/``: configuration.json, config, vocab, style map, weights."""
+    processor = AtomicCheckpointProcessor()
+    model = trainer.unwrap_module(trainer.model)
+    CheckpointProcessor.prepare_output(processor, trainer, output_dir)
+    processor.save_model_state(model, os.path.join(output_dir, processor._bin_file(model)))

@@ -1,6 +1,6 @@
 """Back up a trained model with its conf as one tar.gz; check a backup; restore one safely.
 
-    python3 -m utils.backup_model --conf C [-o OUT_DIR] [-e | -n] [--checkpoint CKPT]
+    python3 -m utils.backup_model --conf C [-o OUT_DIR] [-e | -n] [--checkpoint CKPT | -m MODEL_DIR]
     python3 -m utils.backup_model --verify ARCHIVE
     python3 -m utils.backup_model --restore ARCHIVE DIR
 
@@ -10,8 +10,9 @@ overwritten: when the name is taken, _1, _2, ... is added to it. The archive is 
 temporary name in the same folder and renamed when complete, so an interrupted backup leaves no
 file under the final name. It holds one folder:
 
-    {model}_{time}/model/...        the trained model dir ({work_dir}/output; with --checkpoint, the
-                                    same files with pytorch_model.bin taken from that checkpoint)
+    {model}_{time}/model/...        the trained model dir ({work_dir}/output, or -m's, e.g.
+                                    {work_dir}/output_best; with --checkpoint, the same files with
+                                    pytorch_model.bin taken from that checkpoint)
     {model}_{time}/conf.json        the conf as loaded and resolved (none with -n; with -e the local
                                     paths img_addr, dataset_path and work_dir are null)
     {model}_{time}/manifest.json    sha256 and size of every other file, toolkit version, style map,
@@ -336,11 +337,13 @@ def _in_work_dir(arg: str, work_dir: str) -> str:
 
 
 def backup(conf_path: str, out_dir: Optional[str] = None, conf_mode: str = 'full',
-           checkpoint: Optional[str] = None) -> str:
+           checkpoint: Optional[str] = None, model: Optional[str] = None) -> str:
     """Write the backup archive of the model trained with conf_path; return its path.
     conf_mode: "full" (the conf as resolved), "shareable" (local paths null), "none" (no conf)."""
     conf = validate(read_conf(conf_path), splits=())
-    output = os.path.join(conf.work_dir, OUTPUT_DIR)
+    output = model or os.path.join(conf.work_dir, OUTPUT_DIR)
+    if model is not None and not os.path.isdir(model):
+        raise BackupError(f'-m {model}: no such model dir')
     if not os.path.isdir(output):
         raise BackupError(f'no trained model at {output}: train first (python3 finetune.py train --conf {conf_path})')
     if not os.path.isfile(os.path.join(output, 'configuration.json')):
@@ -650,6 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('-p', '--checkpoint',
                    help='back up the weights of this CheckpointHook checkpoint instead of work_dir/output\'s: '
                         'work_dir/iter_N or its iter_N.pth (a bare iter_N is looked for in work_dir), or "latest"')
+    p.add_argument('-m', '--model', help='back up this model dir instead of work_dir/output, e.g. work_dir/output_best')
     p.add_argument('--verify', metavar='ARCHIVE', help='check every file of ARCHIVE against its manifest')
     p.add_argument('--restore', nargs=2, metavar=('ARCHIVE', 'DIR'),
                    help='check ARCHIVE, extract it to DIR/{model}_{time}/ and print the model dir')
@@ -664,11 +668,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         if len(modes) != 1:
             raise _UsageError('give one of --conf, --verify or --restore' if not modes
                               else f'{" and ".join(modes)} exclude each other')
+        if args.checkpoint and args.model:
+            raise _UsageError('--checkpoint (weights of a checkpoint) and -m (a model dir) exclude each other')
         if args.shareable and args.no_conf:
             raise _UsageError('-e (store a shareable conf) and -n (store no conf) exclude each other')
         if args.conf is None:
             extra = [flag for flag, value in (('-o', args.out_dir), ('-e', args.shareable), ('-n', args.no_conf),
-                                              ('--checkpoint', args.checkpoint)) if value]
+                                              ('--checkpoint', args.checkpoint), ('-m', args.model)) if value]
             if extra:
                 raise _UsageError(f'{", ".join(extra)} only go with --conf')
     except _UsageError as e:
@@ -682,7 +688,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.restore is not None:
             return restore(*args.restore)[0]
         mode = 'shareable' if args.shareable else 'none' if args.no_conf else 'full'
-        path = backup(args.conf, args.out_dir, mode, args.checkpoint)
+        path = backup(args.conf, args.out_dir, mode, args.checkpoint, args.model)
         print(path)
         return 0
     except (BackupError, ConfError) as e:

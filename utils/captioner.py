@@ -35,21 +35,27 @@ class _StyledImages(Dataset):
 
 
 class Captioner:
-    """Load once, caption many: ``Captioner(model_dir).caption([{"style", "image"}, ...])``."""
+    """Load once, caption many: ``Captioner(model_dir).caption([{"style", "image"}, ...])``.
 
-    def __init__(self, model: str, revision: Optional[str] = None, *, beam_size: int = 5, max_len: int = 16,
+    ``model`` may also be an already loaded ``OfaForAllTasks`` (the one a trainer is training, for
+    validation), with its ``style_map``: nothing is read from disk but the tokenizer and configuration."""
+
+    def __init__(self, model, revision: Optional[str] = None, *, beam_size: int = 5, max_len: int = 16,
                  no_repeat_ngram_size: int = 3, model_cfg: Optional[dict] = None, device: Optional[str] = None,
-                 fast: bool = True, precision: str = 'fp32'):
+                 fast: bool = True, precision: str = 'fp32', style_map=None):
         from modelscope.models import Model
         from modelscope.models.multi_modal.ofa.generate import sequence_generator as sg
 
         from preprocessors import OfaPreprocessorForStylishIC
 
-        kwargs = {'revision': revision} if revision else {}
-        self.model = Model.from_pretrained(model, **kwargs)
+        if isinstance(model, str):
+            kwargs = {'revision': revision} if revision else {}
+            self.model = Model.from_pretrained(model, **kwargs)
+        else:
+            self.model = model
         self.model_dir = self.model.model_dir
         self.preprocessor = OfaPreprocessorForStylishIC(self.model_dir, mode='inference', no_collate=True,
-                                                        model_cfg=model_cfg)
+                                                        model_cfg=model_cfg, style_map=style_map)
         self.style_map = self.preprocessor.style_map
         self.model.generator = sg.SequenceGenerator(
             tokenizer=self.model.tokenizer, beam_size=beam_size, max_len_b=max_len, min_len=1,
@@ -73,6 +79,7 @@ class Captioner:
         loader = DataLoader(_StyledImages(items, self.preprocessor), batch_size=batch_size, shuffle=False,
                             num_workers=num_workers, collate_fn=self.collate)
         captions: List[str] = []
+        self.model.eval()
         with torch.inference_mode(), autocast(self.precision, self.device.type):
             for batch in tqdm(loader, desc='captioning', unit='batch', disable=not progress):
                 out = self.model(batch)  # forward (generation) + postprocess

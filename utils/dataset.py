@@ -15,15 +15,20 @@ class StylishCaptionDataset(TorchCustomDataset):
     (checked files can still break, e.g. on a network disk) is logged and replaced by the next row, so
     one bad file never kills a long run."""
 
-    def __init__(self, rows: List[dict], preprocessor, mode: str = 'train'):
+    def __init__(self, rows: List[dict], preprocessor, mode: str = 'train', with_ids: bool = False):
         super().__init__([rows], mode=mode, preprocessor=preprocessor)  # a list of one dataset: used as is
         self.failed = 0
+        self.with_ids = with_ids  # samples carry "id", the index of their row (ModelScope's collate keeps it)
 
     def __getitem__(self, index):
         for k in range(MAX_SUBSTITUTES):
-            row = self._inner_dataset[(index + k) % len(self)]
+            i = (index + k) % len(self)
+            row = self._inner_dataset[i]
             try:
-                return self.preprocessor(row)
+                sample = self.preprocessor(row)
+                if self.with_ids:
+                    sample['id'] = i
+                return sample
             except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for broken image data
                 self.failed += 1
                 logger.warning('row %s skipped at load time: %s: %s', row.get('row'), row['image'], e)

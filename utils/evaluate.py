@@ -14,13 +14,14 @@ CSV_SETTINGS = ('tokenize_style', 'beam_size', 'max_len', 'no_repeat_ngram_size'
 
 
 def evaluate(conf, checkpoint: Optional[str], stamp: str, rows: List[dict], stats,
-             log_csv: Optional[str] = None) -> dict:
-    """Caption the test rows with {work_dir}/output, or with the weights of a CheckpointHook checkpoint
-    (prefix work_dir/iter_N), score them against all their references, write eval_{time}.json."""
+             log_csv: Optional[str] = None, model: Optional[str] = None) -> dict:
+    """Caption the test rows with {work_dir}/output (or the model dir ``model``, e.g. work_dir/output_best), or
+    with the weights of a CheckpointHook checkpoint (prefix work_dir/iter_N), score them against all their
+    references, write eval_{time}.json."""
     from utils.captioner import load_captioner
     from utils.metrics import format_table, score
 
-    captioner = load_captioner(conf, checkpoint=checkpoint + '.pth' if checkpoint else None)
+    captioner = load_captioner(conf, model, checkpoint=checkpoint + '.pth' if checkpoint else None)
     items = [{'style': r['style'], 'image': r['image']} for r in rows]
     captions = captioner.caption(items, batch_size=conf.batch_size, num_workers=conf.num_workers)
     metrics = score(captions, [r['references'] for r in rows])

@@ -24,7 +24,11 @@ from modelscope.models.multi_modal.ofa.generate.ngram_repeat_block import NGramR
 
 
 def enable_kv_cache(decoder) -> None:
-    """Make ``decoder`` (an OFA decoder) keep its key/value cache between the generator's steps."""
+    """Make ``decoder`` (an OFA decoder) keep its key/value cache between the generator's steps (once: a second
+    call on the same decoder, e.g. a second generator on a model being trained, changes nothing)."""
+    if getattr(decoder, 'keeps_kv_cache', False):
+        return
+    decoder.keeps_kv_cache = True
     stock_forward = decoder.forward
     stock_reorder = decoder.reorder_incremental_state_scripting
     state = {'past': None}

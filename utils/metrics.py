@@ -165,6 +165,15 @@ def _meteor_scorer() -> Iterator[Meteor]:
         _stop_meteor(meteor)
 
 
+def start_meteor() -> Meteor:
+    """A METEOR scorer for several :func:`score` calls; end it with :func:`stop_meteor`."""
+    return Meteor()
+
+
+def stop_meteor(meteor: Meteor) -> None:
+    _stop_meteor(meteor)
+
+
 def _stop_meteor(meteor: Meteor) -> None:
     """End METEOR's Java process now. Meteor.compute_score keeps its lock if it raised, and
     Meteor.__del__ would then block forever, so the lock is released first."""
@@ -186,7 +195,8 @@ def _standard_scores(gts: dict, res: dict, meteor: Meteor) -> dict:
     return {name: float(value) for name, value in scores.items()}
 
 
-def score(predictions: list[str], references: list[list[str]], spice: Optional[bool] = None) -> dict:
+def score(predictions: list[str], references: list[list[str]], spice: Optional[bool] = None,
+          meteor: Optional[Meteor] = None) -> dict:
     """Score one prediction per sample against all of that sample's references.
 
     Args:
@@ -195,6 +205,9 @@ def score(predictions: list[str], references: list[list[str]], spice: Optional[b
         spice: None = compute SPICE if its CoreNLP jars are installed, else report it
             unavailable; False = skip it; True = compute it (still None, with a warning,
             if the jars are missing - they are never downloaded from here).
+        meteor: a running METEOR scorer to use (and leave running), e.g. one kept for all the
+            validations of a training run: its Java process takes ~10 s to start. None: one is
+            started and stopped for this call.
 
     Returns:
         ``{"Bleu_1": .., "Bleu_2": .., "Bleu_3": .., "Bleu_4": .., "METEOR": .., "ROUGE_L": ..,
@@ -210,7 +223,8 @@ def score(predictions: list[str], references: list[list[str]], spice: Optional[b
     _require_java()
     n = len(predictions)
     logger.info('scoring %d predictions against %d references', n, sum(len(r) for r in references))
-    with _meteor_scorer() as meteor:  # METEOR loads in the background while the rest runs
+    running = contextlib.nullcontext(meteor) if meteor is not None else _meteor_scorer()
+    with running as meteor:  # METEOR loads in the background while the rest runs
         gts, res = tokenize(predictions, references)
         values = _standard_scores(gts, res, meteor)
     values['SPICE'], spice_status = _spice_score(gts, res, spice)

@@ -12,20 +12,32 @@ from utils.training import trainer as assembly
 logger = logging.getLogger('finetune')  # the name users see on finetune.py train's log lines
 
 
-def train(conf: Conf, checkpoint: Optional[str], stamp: str, rows: List[dict], stats, style_map) -> dict:
+def train(conf: Conf, checkpoint: Optional[str], stamp: str, rows: List[dict], stats, style_map,
+          val_rows: Optional[List[dict]] = None) -> dict:
+    """Train the conf's stage on rows; with val_rows, validate and keep work_dir/output_best as it goes."""
     from utils.runtime import trainer_state_loading, unique_path, write_json_atomic
+    from utils.training.validation import ValidationHook
 
     model_dir = assembly.model_dir_of(conf)
     trainer = assembly.build_trainer(conf, rows, style_map, model_dir)
+    validation = None
+    if val_rows and (conf.eval_interval or conf.eval_every_epoch):
+        validation = ValidationHook(conf, val_rows, style_map, resuming=checkpoint is not None)
+        trainer.register_hook(validation)
     try:
         with trainer_state_loading():
             trainer.train(checkpoint)
     finally:
+        if validation is not None:
+            validation.close()
         assembly.detach_file_logs(conf.work_dir)
     output = os.path.join(conf.work_dir, assembly.OUTPUT_DIR)
     summary = {'mode': 'train', 'time': stamp, 'checkpoint': checkpoint, 'output': output,
                'conf': conf.to_dict(), 'data': {'train': stats.to_dict()}, 'styles': len(style_map.tokens),
                'iterations': trainer.iter}
+    if validation is not None and validation.best.value is not None:
+        summary['best'] = {'metric': conf.best_metric, 'value': validation.best.value,
+                           'iteration': validation.best.iteration, 'output': validation.best.dir}
     if distributed.launched():
         summary['world_size'] = distributed.world_size()
         if not distributed.is_main():

@@ -79,8 +79,8 @@ def build_trainer(conf: Conf, rows: List[dict], style_map, model_dir: str):
 
     from preprocessors import OfaPreprocessorForStylishIC
     from utils.atomic_checkpoint import use_atomic_checkpoints
-    from utils.dataset import StylishCaptionDataset
     from utils.runtime import no_hub_check_for_local_model
+    from utils.training.stages import STAGES
 
     preprocessor = {
         split: OfaPreprocessorForStylishIC(model_dir, mode=mode, style_map=style_map,
@@ -98,7 +98,8 @@ def build_trainer(conf: Conf, rows: List[dict], style_map, model_dir: str):
         if distributed.is_main():
             distributed.barrier()
         train.use_image_cache(cache)
-    dataset = StylishCaptionDataset(rows, preprocessor['train'])
+    stage = STAGES[conf.stage]
+    dataset = stage.dataset(rows, preprocessor['train'])
     from utils.train_hooks import TrainStepHook  # also registers distributed.HOOK_TYPE
     with no_hub_check_for_local_model(conf.model_is_local):
         trainer = OFATrainer(model=conf.model_name, model_revision=conf.model_revision,
@@ -106,6 +107,7 @@ def build_trainer(conf: Conf, rows: List[dict], style_map, model_dir: str):
                              preprocessor=preprocessor, work_dir=conf.work_dir, seed=conf.seed)
     use_atomic_checkpoints(trainer)
     trainer.register_hook(TrainStepHook(conf.precision))
+    stage.install(trainer, conf, rows)
     return trainer
 
 

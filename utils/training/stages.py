@@ -1,0 +1,61 @@
+"""Training stages: two configurations of one trainer path (:func:`utils.training.trainer.build_trainer`).
+
+A stage says what the train dataset yields and which criterion the trainer runs; trainer assembly,
+checkpoints, validation and the best checkpoint are the same for every stage.
+
+* ``ce``: cross-entropy on the references (ModelScope's label-smoothed criterion, built by OFATrainer).
+* ``scst``: self-critical sequence training on a CIDEr-D reward (:class:`utils.training.criteria.ScstCriterion`),
+  started from a model dir this toolkit trained with ``ce`` (``model_name``: its ``output/`` or
+  ``output_best/``). The samples carry their row's index (``id``, which ModelScope's OFA collate passes
+  through as ``batch['id']``), by which the criterion finds the train references of the sample's image and style.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List
+
+from utils.dataset import StylishCaptionDataset
+
+logger = logging.getLogger(__name__)
+
+
+class Stage:
+    name = ''
+
+    def dataset(self, rows: List[dict], preprocessor) -> StylishCaptionDataset:
+        return StylishCaptionDataset(rows, preprocessor)
+
+    def install(self, trainer, conf, rows: List[dict]) -> None:
+        """Adapt a built trainer to the stage (its criterion)."""
+
+
+class CrossEntropy(Stage):
+    name = 'ce'
+
+
+class Scst(Stage):
+    name = 'scst'
+
+    def dataset(self, rows, preprocessor):
+        return StylishCaptionDataset(rows, preprocessor, with_ids=True)
+
+    def install(self, trainer, conf, rows):
+        from utils.fast_generation import enable_kv_cache
+        from utils.training.cider import CiderD
+        from utils.training.criteria import ScstCriterion
+
+        groups: Dict[tuple, List[str]] = {}
+        for row in rows:  # the references of each (image, style) pair of the train split
+            refs = groups.setdefault((row['image'], row['style']), [])
+            refs.extend(r for r in row['references'] if r not in refs)
+        cider = CiderD.cached(conf.work_dir, list(groups.values()))
+        model = trainer.unwrap_module(trainer.model)
+        enable_kv_cache(model.model.decoder)  # the candidates are generated step by step with the decoder's cache
+        criterion = ScstCriterion(conf, model.tokenizer, [groups[(r['image'], r['style'])] for r in rows], cider)
+        criterion.log_buffer = trainer.log_buffer
+        trainer.criterion = criterion
+        logger.info('SCST: %d candidates per sample (%s), CIDEr-D reward against %d reference sets', conf.scst.candidates,
+                    conf.scst.search, len(groups))
+
+
+STAGES = {stage.name: stage for stage in (CrossEntropy(), Scst())}

@@ -1,0 +1,201 @@
+"""Validation during training: caption the val split with the model being trained, score it, keep the best.
+
+Every ``eval_interval`` iterations and at the end of every epoch (``eval_every_epoch``), :class:`ValidationHook`
+captions the val rows with the toolkit's batched generator (:class:`utils.captioner.Captioner` wrapped around
+the trainer's live model: the conf's beam settings and precision, nothing reloaded from disk), scores the
+captions with pycocoevalcap (:func:`utils.metrics.score`; SPICE only with ``val_spice``), logs the figures and
+appends one line to ``work_dir/val_metrics.jsonl``::
+
+    {"iteration": 120, "epoch": 3, "metrics": {"CIDEr": .., "Bleu_4": .., "METEOR": .., "ROUGE_L": .., ...},
+     "seconds": 4.2, "best": true}
+
+``iteration`` counts the training iterations done, ``epoch`` is the (1-based) epoch the validation ran in,
+``seconds`` the time the validation took. When ``best_metric`` improves, :class:`~utils.training.best.BestModel`
+replaces ``work_dir/output_best``.
+
+Under torchrun each rank captions its own shard of the val rows (rows ``rank::world_size``); rank 0 gathers
+the captions back into the original order, scores them and writes; the other ranks wait for it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import List, Optional
+
+from modelscope.trainers.hooks.hook import Hook
+from modelscope.trainers.hooks.priority import Priority
+
+from utils import distributed
+
+logger = logging.getLogger(__name__)
+VAL_METRICS_FILE = 'val_metrics.jsonl'
+LOGGED = ('CIDEr', 'Bleu_4', 'METEOR', 'ROUGE_L')  # the figures of the log line
+
+
+def load_val_rows(conf, style_map) -> List[dict]:
+    """The val rows validation captions (the first ``val_max_samples``), read before training starts. Rows of
+    a style the model is not trained with cannot be captioned: they are skipped, counted and named."""
+    from utils.data import load_split
+
+    rows, _ = load_split(conf, 'val', limit=conf.val_max_samples)
+    known = [r for r in rows if r['style'] in style_map.tokens]
+    if len(known) < len(rows):
+        unknown = sorted({r['style'] for r in rows} - set(style_map.tokens))
+        logger.warning('val: %d rows skipped, their style is not among the train styles: %s',
+                       len(rows) - len(known), ', '.join(unknown[:5]) + (', ...' if len(unknown) > 5 else ''))
+    if not known:
+        from utils.data import DataError
+        raise DataError(f'val file {conf.split_path("val")}: no row has a style of the train split')
+    return known
+
+
+class LiveCaptioner:
+    """The toolkit's batched generator around the model a trainer is training (its ``OfaForAllTasks``).
+
+    The first use installs a generator with the conf's beam settings (and the KV-cache repairs of
+    :mod:`utils.fast_generation`) on the live model; each call captions in eval mode and puts the model back
+    in the mode it was in."""
+
+    def __init__(self, conf, style_map):
+        self.conf, self.style_map = conf, style_map
+        self.captioner = None
+
+    def caption(self, trainer, items: List[dict]) -> List[str]:
+        from utils.captioner import Captioner
+
+        model = trainer.unwrap_module(trainer.model)
+        if self.captioner is None or self.captioner.model is not model:
+            self.captioner = Captioner(
+                model, beam_size=self.conf.beam_size, max_len=self.conf.max_len,
+                no_repeat_ngram_size=self.conf.no_repeat_ngram_size, precision=self.conf.precision,
+                device=str(next(model.parameters()).device), style_map=self.style_map,
+                model_cfg={'patch_image_size': self.conf.patch_image_size,
+                           'max_image_size': self.conf.max_image_size})
+        was_training = model.training
+        try:
+            return self.captioner.caption(items, batch_size=self.conf.batch_size, progress=distributed.is_main())
+        finally:
+            model.train(was_training)
+
+
+def gather_in_order(mine: List[str], n: int) -> Optional[List[str]]:
+    """Rank 0: every rank's captions of its shard (rows ``rank::world``), back in row order; other ranks: None."""
+    if not distributed.launched() or distributed.world_size() == 1:
+        return mine
+    import torch.distributed as dist
+    world = distributed.world_size()
+    shards = [None] * world if distributed.is_main() else None
+    dist.gather_object(mine, shards, dst=0)
+    if not distributed.is_main():
+        return None
+    captions: List[Optional[str]] = [None] * n
+    for rank, shard in enumerate(shards):
+        captions[rank::world] = shard
+    return captions
+
+
+def shard(rows: List[dict]) -> List[dict]:
+    """This rank's share of the val rows under torchrun (all of them otherwise)."""
+    if not distributed.launched():
+        return rows
+    return rows[distributed.rank()::distributed.world_size()]
+
+
+class ValidationHook(Hook):
+    """Validates at the conf's interval and epoch ends, writes ``val_metrics.jsonl`` and keeps ``output_best``.
+
+    Runs after ModelScope's own hooks of an iteration (checkpointing, logging), so a checkpoint saved at
+    the same iteration is never delayed by validation."""
+
+    PRIORITY = Priority.LOWEST
+
+    def __init__(self, conf, rows: List[dict], style_map, resuming: bool):
+        from utils.training.best import BestModel
+
+        self.conf, self.rows = conf, rows
+        self.captioner = LiveCaptioner(conf, style_map)
+        self.best = BestModel(conf.work_dir, conf.best_metric)
+        self.resuming = resuming
+        self.last_validated = None  # iteration of the last validation (an epoch end may coincide with the interval)
+        self.path = os.path.join(conf.work_dir, VAL_METRICS_FILE)
+        self.meteor = None  # rank 0's METEOR process, kept for all the validations of the run
+
+    def before_run(self, trainer):
+        if not distributed.is_main():
+            return
+        if self.resuming:
+            self.best.load()
+        else:  # a fresh run: an earlier run's figures and best model are not this run's
+            self.best.forget()
+            if os.path.isfile(self.path):
+                aside = os.path.join(self.conf.work_dir, f'val_metrics_{time.strftime("%Y%m%d_%H%M%S")}.jsonl')
+                os.replace(self.path, aside)
+                logger.info('an earlier run\'s %s moved to %s', VAL_METRICS_FILE, aside)
+
+    def after_train_iter(self, trainer):
+        done = trainer.iter + 1  # trainer.iter counts from 0 and is incremented after this hook
+        if self.conf.eval_interval and done % self.conf.eval_interval == 0:
+            self.validate(trainer, done, trainer.epoch + 1)
+
+    def after_train_epoch(self, trainer):
+        if self.conf.eval_every_epoch:
+            self.validate(trainer, trainer.iter, trainer.epoch + 1)
+
+    def after_run(self, trainer):
+        self.close()
+        if distributed.is_main():
+            draw_curves(self.conf.work_dir)
+
+    def close(self) -> None:
+        if self.meteor is not None:
+            from utils.metrics import stop_meteor
+            stop_meteor(self.meteor)
+            self.meteor = None
+
+    def validate(self, trainer, iteration: int, epoch: int) -> Optional[dict]:
+        """Caption (each rank its shard), score on rank 0, record; returns rank 0's record."""
+        if iteration == self.last_validated:
+            return None
+        self.last_validated = iteration
+        start = time.perf_counter()
+        mine = shard(self.rows)
+        captions = self.captioner.caption(trainer, [{'style': r['style'], 'image': r['image']} for r in mine])
+        captions = gather_in_order(captions, len(self.rows))
+        if captions is None:  # not rank 0: rank 0 scores and writes
+            distributed.barrier()
+            return None
+        from utils.metrics import score, start_meteor
+        if self.meteor is None:
+            self.meteor = start_meteor()
+        scores = score(captions, [r['references'] for r in self.rows], spice=self.conf.val_spice, meteor=self.meteor)
+        metrics = {k: v for k, v in scores.items() if k[0].isupper() and v is not None}
+        improved = self.best.offer(metrics[self.conf.best_metric], iteration, epoch, trainer)
+        record = {'iteration': iteration, 'epoch': epoch, 'metrics': metrics,
+                  'seconds': round(time.perf_counter() - start, 3), 'n_samples': len(self.rows),
+                  'best': improved}
+        with open(self.path, 'a', encoding='utf-8') as f:
+            f.write(json.dumps(record) + '\n')
+        logger.info('validation at iteration %d (epoch %d, %d val rows, %.1f s): %s%s', iteration, epoch,
+                    len(self.rows), record['seconds'],
+                    ', '.join(f'{k} {100 * metrics[k]:.1f}' for k in LOGGED if k in metrics),
+                    f'; new best {self.conf.best_metric} -> output_best' if improved else
+                    f'; best {self.conf.best_metric} {100 * self.best.value:.1f} at iteration {self.best.iteration}')
+        for cap, row in list(zip(captions, self.rows))[:3]:
+            logger.info('  %-12s -> %s', row['style'], cap)
+        draw_curves(self.conf.work_dir)
+        distributed.barrier()
+        return record
+
+
+def draw_curves(work_dir: str) -> None:
+    """The training curves (utils.curves, where installed) from the logs and val_metrics.jsonl; never fatal."""
+    try:
+        from utils.curves import draw_curves as draw
+    except ImportError:
+        return
+    try:
+        draw(work_dir)
+    except Exception as e:  # noqa: BLE001 - a plot must never stop a training run
+        logger.warning('training curves not drawn: %s', e)
