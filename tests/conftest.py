@@ -73,3 +73,14 @@ def trained(tmp_path_factory, tiny_model, pcap):
     path.write_text(json.dumps(conf))
     assert finetune.main(['train', '--conf', str(path)]) == 0
     return str(path), Path(conf['work_dir'])
+
+
+@pytest.fixture(scope='session')
+def random_output(trained, tiny_model, tmp_path_factory):
+    """The `trained` run's output/ with the untrained tiny model's random weights. The trained tiny model says
+    much the same whatever the image or style; these weights do not, so equal captions mean something."""
+    import shutil
+    model_dir = tmp_path_factory.mktemp('random_output') / 'output'
+    shutil.copytree(Path(trained[1], 'output'), model_dir)
+    shutil.copy(Path(tiny_model, 'pytorch_model.bin'), model_dir / 'pytorch_model.bin')
+    return str(model_dir)

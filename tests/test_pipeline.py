@@ -3,7 +3,6 @@ to pre_inference.py's, inputs (path, PIL image, URL, lists with batch_size), err
 import functools
 import http.server
 import json
-import shutil
 import threading
 from pathlib import Path
 
@@ -19,16 +18,6 @@ from utils.styles import UnknownStyleError
 @pytest.fixture(scope='module')
 def output_dir(trained):
     return str(Path(trained[1], 'output').resolve())  # absolute: a relative a/b looks like a hub id
-
-
-@pytest.fixture(scope='module')
-def random_output_dir(output_dir, tiny_model, tmp_path_factory):
-    """The trained output/ with the untrained tiny model's random weights: the trained tiny model says much the
-    same whatever the image or style, these weights do not, so equal captions below mean something."""
-    model_dir = tmp_path_factory.mktemp('random_output') / 'output'
-    shutil.copytree(output_dir, model_dir)
-    shutil.copy(Path(tiny_model, 'pytorch_model.bin'), model_dir / 'pytorch_model.bin')
-    return str(model_dir)
 
 
 @pytest.fixture(scope='module')
@@ -84,12 +73,12 @@ def test_captions_equal_pre_inference(trained, stylish_pipeline, items, tmp_path
     assert [stylish_pipeline(item) for item in items[:2]] == [{'caption': c} for c in expected[:2]]  # one at a time
 
 
-def test_captions_equal_pre_inference_where_they_differ(trained, random_output_dir, items, tmp_path):
+def test_captions_equal_pre_inference_where_they_differ(trained, random_output, items, tmp_path):
     from modelscope.pipelines import pipeline
     from modelscope.utils.constant import Tasks
-    expected = pre_inference_captions(trained[0], items, tmp_path, '-m', random_output_dir)
+    expected = pre_inference_captions(trained[0], items, tmp_path, '-m', random_output)
     assert expected[0] != expected[1] and len(set(expected)) >= 3  # style and image change the caption
-    captioner = pipeline(Tasks.image_captioning, model=random_output_dir)
+    captioner = pipeline(Tasks.image_captioning, model=random_output)
     assert [o['caption'] for o in captioner(items, batch_size=4)] == expected
     assert [o['caption'] for o in captioner(items)] == expected
 

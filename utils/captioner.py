@@ -44,7 +44,6 @@ class Captioner:
                  no_repeat_ngram_size: int = 3, model_cfg: Optional[dict] = None, device: Optional[str] = None,
                  fast: bool = True, precision: str = 'fp32', style_map=None):
         from modelscope.models import Model
-        from modelscope.models.multi_modal.ofa.generate import sequence_generator as sg
 
         from preprocessors import OfaPreprocessorForStylishIC
 
@@ -57,17 +56,24 @@ class Captioner:
         self.preprocessor = OfaPreprocessorForStylishIC(self.model_dir, mode='inference', no_collate=True,
                                                         model_cfg=model_cfg, style_map=style_map)
         self.style_map = self.preprocessor.style_map
-        self.model.generator = sg.SequenceGenerator(
-            tokenizer=self.model.tokenizer, beam_size=beam_size, max_len_b=max_len, min_len=1,
-            no_repeat_ngram_size=no_repeat_ngram_size)
-        if fast:  # the generator's key/value cache and a vectorised n-gram blocker: same captions, faster
-            from utils.fast_generation import speed_up
-            speed_up(self.model, self.model.generator)
+        self.fast = fast
+        self.set_generation(beam_size, max_len, no_repeat_ngram_size)
         self.device = torch.device(pick_device(device))
         self.model.to(self.device).eval()
         self.precision = precision  # fp32, or bf16/fp16 autocast around generation (weights stay fp32)
         tok = self.model.tokenizer
         self.collate = partial(_collate, pad_idx=tok.pad_token_id, eos_idx=tok.eos_token_id)
+
+    def set_generation(self, beam_size: int, max_len: int, no_repeat_ngram_size: int) -> None:
+        """A new sequence generator with these settings for the loaded model (the web demo's controls)."""
+        from modelscope.models.multi_modal.ofa.generate import sequence_generator as sg
+        self.model.generator = sg.SequenceGenerator(
+            tokenizer=self.model.tokenizer, beam_size=beam_size, max_len_b=max_len, min_len=1,
+            no_repeat_ngram_size=no_repeat_ngram_size)
+        if self.fast:  # the generator's key/value cache and a vectorised n-gram blocker: same captions, faster
+            from utils.fast_generation import speed_up
+            speed_up(self.model, self.model.generator)
+        self.generation = {'beam_size': beam_size, 'max_len': max_len, 'no_repeat_ngram_size': no_repeat_ngram_size}
 
     def caption(self, items: Sequence[dict], batch_size: int = 16, num_workers: int = 0,
                 progress: bool = True) -> List[str]:
