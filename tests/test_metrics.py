@@ -110,6 +110,20 @@ def test_matches_pycocoevalcap_exactly(hand_case):
     assert 0 < ours['Bleu_4'] < ours['Bleu_1'] <= 1 and ours['CIDEr'] > 0
 
 
+# pycocoevalcap 1.2's own figures for PREDICTIONS/REFERENCES, computed once outside this toolkit (PTBTokenizer,
+# then Bleu(4), Meteor, Rouge, Cider .compute_score on the tokenized captions, in a separate process) and
+# pinned here, so a change in how the toolkit calls pycocoevalcap cannot move both sides of the comparison.
+PINNED = {'Bleu_1': 0.7428571428359184, 'Bleu_2': 0.47207747546705403, 'Bleu_3': 0.26123950274223867,
+          'Bleu_4': 3.072710449898625e-05, 'METEOR': 0.328526289864485, 'ROUGE_L': 0.5881045791640312,
+          'CIDEr': 1.4168952697765236}
+
+
+def test_figures_pinned_to_an_independent_pycocoevalcap_run(hand_case):
+    ours, _ = hand_case
+    for name, value in PINNED.items():
+        assert ours[name] == pytest.approx(value, rel=1e-6), name
+
+
 def test_spice_unavailable_without_jars(hand_case):
     ours, _ = hand_case
     assert ours['SPICE'] is None

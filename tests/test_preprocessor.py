@@ -109,3 +109,26 @@ def test_image_cache_gives_identical_samples_and_is_reused(tiny_model, pcap, tmp
     import pickle
     clone = pickle.loads(pickle.dumps(ImageCache.open_or_build(str(tmp_path), images, 32)))  # what workers get
     assert (clone.get(images[2]) == cached.preprocess.image_cache.get(images[2])).all()
+
+
+def test_a_row_that_breaks_only_at_decode_time_is_replaced_by_the_next(tiny_model, pcap, tmp_path, caplog):
+    """An image that passed the read-time check and broke afterwards (a network disk, a file overwritten
+    during a long run): the train dataset logs it, counts it and hands the next row's sample instead."""
+    import shutil
+
+    from utils.data import check_image
+    from utils.dataset import StylishCaptionDataset
+    pre = make(tiny_model, True, mode='train')
+    breaks = tmp_path / 'breaks.jpg'
+    shutil.copy(f'{pcap[1]}/train0000.jpg', breaks)
+    assert check_image(str(breaks)) is None  # the check at read time passes
+    rows = [{'style': 'Happy', 'text': 'what a lovely red circle', 'image': str(breaks), 'row': 0},
+            {'style': 'Sarcastic', 'text': 'oh great a cross', 'image': f'{pcap[1]}/train0001.jpg', 'row': 1}]
+    dataset = StylishCaptionDataset(rows, pre)
+    breaks.write_bytes(b'\xff\xd8 no longer a jpeg')
+    sample = dataset[0]
+    expected = pre(rows[1])
+    assert torch.equal(sample['target'], expected['target'])
+    assert torch.equal(sample['patch_image'], expected['patch_image'])
+    assert dataset.failed == 1
+    assert 'row 0 skipped at load time' in caplog.text

@@ -92,15 +92,41 @@ def test_kill_9_during_training_then_resume_latest_finishes(make_conf, tmp_path)
 
 
 def test_output_dir_never_exists_without_weights(make_conf, tmp_path):
-    """Killed before its first checkpoint, a fresh run leaves no output/ (only output.partial)."""
-    path = make_conf(max_epochs=3, checkpoint={'by_epoch': False, 'interval': 6, 'max_checkpoint_num': 1})
+    """A fresh run killed during its first checkpoint, after the output model dir was prepared and before
+    the weights went in (the process dies at that point, deterministically): no output/, only
+    output.partial, and no complete checkpoint yet."""
+    path = make_conf(max_epochs=1, checkpoint={'by_epoch': False, 'interval': 2, 'max_checkpoint_num': 1})
     work = Path(json.loads(Path(path).read_text())['work_dir'])
-    kill_when(start_training(path, tmp_path), lambda: (work / 'output.partial').exists() or (work / 'output').exists(),
-              poll=0.01)
-    if (work / 'output').exists():  # the first checkpoint came first: then it must be complete
-        assert (work / 'output' / 'pytorch_model.bin').is_file() and (work / 'output' / 'style_map.json').is_file()
-    else:
-        assert (work / 'output.partial').is_dir()
+    die_before_weights = (
+        'import os, sys; sys.argv = ["finetune.py"] + sys.argv[1:]; import utils.atomic_checkpoint as a\n'
+        'def link(self, *args): os._exit(137)\n'
+        'a.AtomicCheckpointProcessor.link = link\n'
+        'import finetune; sys.exit(finetune.main())\n')
+    proc = subprocess.run([sys.executable, '-c', die_before_weights, 'train', '--conf', path], cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode == 137  # it died where it was meant to, not before
+    assert (work / 'output.partial').is_dir() and (work / 'output.partial' / 'configuration.json').is_file()
+    assert not (work / 'output').exists()
+    assert not (work / 'output.partial' / 'pytorch_model.bin').exists()
+    assert checkpoints_in(str(work)) == [(2, str(work / 'iter_2'))]  # its first checkpoint, written just before
+
+
+def test_latest_check_does_not_read_the_weights(tmp_path):
+    """`-p latest` checks candidates without reading their tensors: here 160 MB of weights and optimizer
+    state, of which the check may read a small fraction (bytes read through the process's own I/O counter)."""
+    import torch
+    weights = {'w': torch.randn(20_000_000)}
+    torch.save(weights, tmp_path / 'iter_4.pth')
+    torch.save({'optimizer': {'state': {0: {'exp_avg': torch.randn(20_000_000)}}}, 'iter': 4},
+               tmp_path / 'iter_4_trainer_state.pth')
+
+    def bytes_read():
+        return int(next(l for l in open('/proc/self/io') if l.startswith('rchar')).split()[1])
+    if not os.path.exists('/proc/self/io'):
+        pytest.skip('no /proc/self/io on this system')
+    before = bytes_read()
+    assert resolve_checkpoint('latest', str(tmp_path)) == str(tmp_path / 'iter_4')
+    assert bytes_read() - before < 16_000_000
 
 
 def test_unexpected_error_is_one_line_exit_1_and_debug_shows_it(trained, tmp_path, capsys):
@@ -143,7 +169,7 @@ def test_repeated_kills_at_random_moments_lose_nothing(make_conf, tmp_path):
     rng = random.Random(7)
     path = make_conf(max_epochs=6, checkpoint={'by_epoch': False, 'interval': 2, 'max_checkpoint_num': 2})
     work = Path(json.loads(Path(path).read_text())['work_dir'])
-    total = 36  # 48 rows / batch 8 x 6 epochs
+    per_epoch, total = 6, 36  # 48 rows / batch 8 x 6 epochs
     kills = 0
     for attempt in range(3):
         def newest():
@@ -158,6 +184,11 @@ def test_repeated_kills_at_random_moments_lose_nothing(make_conf, tmp_path):
                 seen.append(time.time())
             return bool(seen) and time.time() - seen[0] >= delay
         kills += kill_when(proc, after_a_new_checkpoint)
+        # this run's log: its first iteration is the one right after the checkpoint it resumed from
+        log = read_log_json(work)
+        trained_iters = [(e['epoch'] - 1) * per_epoch + e['iter'] for e in log if e.get('mode') == 'train']
+        assert trained_iters[:1] == [before + 1], (before, trained_iters[:3])
+        assert trained_iters == list(range(before + 1, before + 1 + len(trained_iters)))
         for _, prefix in checkpoints_in(str(work)):
             assert resolve_checkpoint(prefix, '')  # every complete-looking checkpoint loads
     assert kills >= 2

@@ -29,16 +29,18 @@ def checkpoints_in(work_dir: str) -> List[Tuple[int, str]]:
 
 
 def readable(prefix: str) -> Optional[str]:
-    """None if both files of a checkpoint load, else why not."""
+    """None if both files of a checkpoint load, else why not. Cheap: the files are memory-mapped
+    (``torch.load(mmap=True)``), so the zip directory and the pickled structure are read and checked, but
+    not the weights and optimizer state themselves (several GB for OFA-large with AdamW state)."""
     import torch
 
-    from utils.runtime import trainer_state_loading
+    from utils.runtime import first_line, trainer_state_loading
     try:
-        torch.load(prefix + '.pth', map_location='cpu', weights_only=True)
+        torch.load(prefix + '.pth', map_location='cpu', weights_only=True, mmap=True)
         with trainer_state_loading():
-            torch.load(prefix + TRAINER_STATE, map_location='cpu', weights_only=True)
+            torch.load(prefix + TRAINER_STATE, map_location='cpu', weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - a damaged file raises many kinds
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
+        return first_line(e) or type(e).__name__
     return None
 
 
