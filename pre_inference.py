@@ -16,7 +16,7 @@ import sys
 from typing import List, Optional
 
 from utils.conf import PRECISIONS, ConfError, apply_overrides, read_conf, validate
-from utils.data import DataError, check_image, image_path, load_split
+from utils.data import DataError, SplitStats, check_image, image_path, load_split
 from utils.styles import UnknownStyleError
 
 logger = logging.getLogger('pre_inference')
@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--max_len', type=int, help='conf: max_len')
     p.add_argument('--no_repeat_ngram_size', type=int, help='conf: no_repeat_ngram_size')
     p.add_argument('--precision', choices=PRECISIONS, help='fp32, bf16 or fp16 autocast (conf: precision)')
+    p.add_argument('--strict', action='store_const', const=True,
+                   help='a bad row (test split or -j list) stops the run instead of being skipped and counted')
     p.add_argument('--debug', action='store_true', help='show the traceback of an error')
     return p
 
@@ -53,13 +55,15 @@ def test_items(conf, n: Optional[int], pick_random: bool):
     rows, stats = load_split(conf, 'test')
     if n is not None and n < len(rows):
         rows = random.Random(conf.seed).sample(rows, n) if pick_random else rows[:n]
-    items = [{'style': r['style'], 'image': r['image'], 'reference': reference_value(r['references'])}
-             for r in rows]
+    items = [{'style': r['style'], 'image': r['image'], 'reference': reference_value(r['references']),
+              'row': r['row']} for r in rows]
     return items, stats
 
 
-def json_items(path: str, conf) -> List[dict]:
-    """Items of a -j file, in order; any bad row is an error naming it (the user asked for each one)."""
+def json_items(path: str, conf):
+    """Items of a -j file, in order, and what was skipped. A file that is not a non-empty JSON list is an
+    error; a bad row (not an object, no style, no image, an unusable image, a bad reference) is skipped and
+    counted, as in a data set, unless conf.strict (--strict), where it is an error naming the row."""
     try:
         with open(path, encoding='utf-8') as f:
             data = json.load(f)
@@ -69,30 +73,50 @@ def json_items(path: str, conf) -> List[dict]:
         raise DataError(f'-j file {path} is not valid JSON: {e}') from None
     if not isinstance(data, list) or not data:
         raise DataError(f'-j file {path} must hold a non-empty JSON list of {{"style", "image"}} objects')
-    items = []
+    items, skipped = [], []
+    stats = SplitStats('-j', rows=len(data))
     for i, row in enumerate(data):
-        where = f'-j file {path}, row {i}'
-        if not isinstance(row, dict):
-            raise DataError(f'{where}: not an object')
-        if not isinstance(row.get('style'), str) or not row['style']:
-            raise DataError(f'{where}: "style" missing or not a string')
-        if isinstance(row.get('image'), str):
-            img = row['image']
-        elif isinstance(row.get('image_hash'), str):
-            img = image_path(conf.img_addr, row['image_hash'], conf.file_attr)
-        else:
-            raise DataError(f'{where}: needs "image" (a path) or "image_hash"')
-        problem = check_image(img)
-        if problem:
-            raise DataError(f'{where}: {problem}: {img}')
-        item = {'style': row['style'], 'image': img}
-        ref = row.get('reference')
-        if ref is not None:
-            if not (isinstance(ref, str) or (isinstance(ref, list) and all(isinstance(r, str) for r in ref))):
-                raise DataError(f'{where}: "reference" must be a string or a list of strings')
-            item['reference'] = ref
-        items.append(item)
-    return items
+        item, reason = _json_item(i, row, conf)
+        if reason is None:
+            items.append(item)
+            continue
+        if conf.strict:
+            raise DataError(f'-j file {path}, row {i}: {reason}')
+        skipped.append({'row': i, 'reason': reason})
+        stats.skipped[reason.split(':')[0]] += 1
+        if len(skipped) <= 3:
+            logger.warning('-j file %s, row %d skipped: %s', path, i, reason)
+    stats.kept = len(items)
+    if not items:
+        first = skipped[0]
+        raise DataError(f'-j file {path}: no usable rows (row {first["row"]}: {first["reason"]}; {stats.summary()})')
+    if skipped:
+        logger.warning('%s', stats.summary())
+    return items, stats, skipped
+
+
+def _json_item(i: int, row, conf):
+    """(item, None) for a usable -j row, else (None, the reason)."""
+    if not isinstance(row, dict):
+        return None, 'not an object'
+    if not isinstance(row.get('style'), str) or not row['style']:
+        return None, '"style" missing or not a string'
+    if isinstance(row.get('image'), str):
+        img = row['image']
+    elif isinstance(row.get('image_hash'), str):
+        img = image_path(conf.img_addr, row['image_hash'], conf.file_attr)
+    else:
+        return None, 'needs "image" (a path) or "image_hash"'
+    problem = check_image(img)
+    if problem:
+        return None, f'{problem}: {img}'
+    item = {'style': row['style'], 'image': img, 'row': i}
+    ref = row.get('reference')
+    if ref is not None:
+        if not (isinstance(ref, str) or (isinstance(ref, list) and all(isinstance(r, str) for r in ref))):
+            return None, '"reference" must be a string or a list of strings'
+        item['reference'] = ref
+    return item, None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -108,19 +132,22 @@ def run(args) -> int:
 
     conf = apply_overrides(read_conf(args.conf), batch_size=args.batch_size, num_workers=args.num_workers,
                            beam_size=args.beam_size, max_len=args.max_len,
-                           no_repeat_ngram_size=args.no_repeat_ngram_size, precision=args.precision)
+                           no_repeat_ngram_size=args.no_repeat_ngram_size, precision=args.precision,
+                           strict=args.strict)
     validate(conf, splits=() if args.json else ('test',))
     if args.n_samples is not None and args.n_samples < 1:
         raise ConfError(f'-n must be at least 1, got {args.n_samples}')
-    stats = None
+    stats, skipped = None, None
     if args.json:
-        items = json_items(args.json, conf)
+        items, stats, skipped = json_items(args.json, conf)
     else:
         items, stats = test_items(conf, args.n_samples, args.random)
 
     from utils.captioner import load_captioner
     captioner = load_captioner(conf, args.model)
-    try:  # an unknown style fails before any work, naming its row
+    try:  # an unknown style fails before any work, naming its row (of the file, skipped rows included)
+        for item in items:
+            captioner.style_map.check(item['style'], where=f'row {item["row"]}')
         captions = captioner.caption(items, batch_size=conf.batch_size, num_workers=conf.num_workers)
     except UnknownStyleError as e:
         raise ConfError(f'{"-j file " + args.json if args.json else "test split"}, {e}') from None
@@ -140,8 +167,10 @@ def run(args) -> int:
         'n_eval_sample': len(results),
         'results': results,
     }
-    if stats is not None:  # rows of the test split skipped as bad, by reason
-        output['data'] = {'test': stats.to_dict()}
+    if stats is not None:  # rows of the test split or -j list skipped as bad, by reason
+        output['data'] = {'json' if args.json else 'test': stats.to_dict()}
+    if skipped:  # which rows of the -j list, and why
+        output['skipped'] = skipped
     write_json_atomic(path, output)
     logger.info('%d captions written to %s', len(results), path)
     return 0

@@ -63,7 +63,7 @@ def test_json_list_in_order_with_two_styles_for_one_image(trained, test_rows, tm
     assert run_inference(trained[0], '-j', str(j), '-o', str(tmp_path), '-d', 'my model') == 0
     out = json.loads(newest(tmp_path, 'inference_*.json').read_text())
     assert out['model_name'] == 'my model' and out['n_eval_sample'] == 3
-    assert 'data' not in out  # a -j list is not a data set: every row is answered or the run fails
+    assert out['data'] == {'json': {'rows': 3, 'kept': 3, 'skipped': {}}} and 'skipped' not in out
     assert [r['style'] for r in out['results']] == ['Sarcastic', 'Happy', 'Anxious']
     assert out['results'][0]['reference'] == 'a ref' and 'reference' not in out['results'][1]
     assert out['results'][2]['reference'] == ['r1', 'r2']
@@ -194,3 +194,25 @@ def test_captioning_in_bf16(trained, test_rows):
     captions = captioner.caption(items, batch_size=4)
     assert seen == {torch.bfloat16}
     assert len(captions) == len(items) and all(c.strip() for c in captions)
+
+
+def test_bad_rows_of_a_json_list_are_skipped_and_said(trained, tmp_path, capsys):
+    """-j lists are treated like data sets: bad rows skipped and counted, the result file says which and why;
+    --strict makes the first one an error; an unknown style still stops the run, naming its row of the file."""
+    j = tmp_path / 'list.json'
+    rows = [{'style': 'Happy', 'image_hash': 'test0001'}, {'style': 'Happy', 'image_hash': 'gone'}, 'Happy',
+            {'style': 'Sarcastic', 'image_hash': 'test0002', 'reference': 3},
+            {'style': 'Romantic', 'image_hash': 'test0002'}]
+    j.write_text(json.dumps(rows))
+    out = tmp_path / 'out'
+    assert run_inference(trained[0], '-j', str(j), '-o', str(out)) == 0
+    result = json.loads(next(out.glob('inference_*.json')).read_text())
+    assert [r['style'] for r in result['results']] == ['Happy', 'Romantic']
+    assert [(s['row'], s['reason'].split(':')[0]) for s in result['skipped']] == [
+        (1, 'image missing'), (2, 'not an object'), (3, '"reference" must be a string or a list of strings')]
+    assert result['data']['json']['rows'] == 5 and result['data']['json']['kept'] == 2
+    assert run_inference(trained[0], '-j', str(j), '-o', str(tmp_path / 'strict'), '--strict') == 2
+    assert 'row 1: image missing' in capsys.readouterr().err and not (tmp_path / 'strict').exists()
+    j.write_text(json.dumps(rows + [{'style': 'Sarcastik', 'image_hash': 'test0001'}]))
+    assert run_inference(trained[0], '-j', str(j), '-o', str(tmp_path / 'typo')) == 2
+    assert "row 5: unknown style 'Sarcastik'" in capsys.readouterr().err

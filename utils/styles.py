@@ -71,9 +71,9 @@ class StyleMap:
     def styles(self) -> List[str]:
         return list(self.tokens)
 
-    def check(self, style: str) -> None:
+    def check(self, style: str, where: str = '') -> None:
         if style not in self.tokens:
-            raise UnknownStyleError(style, self.tokens)
+            raise UnknownStyleError(style, self.tokens, where=where)
 
     def prompt_for(self, style: str) -> str:
         self.check(style)
