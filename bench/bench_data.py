@@ -18,28 +18,13 @@ import time
 import tracemalloc
 from pathlib import Path
 
+from utils.data import write_rows
+
 
 def make_rows(n: int):
     styles = [f'Style{i}' for i in range(215)]
     return [{'personality': styles[i % 215], 'comment': f'a caption number {i} about the picture in front of me',
              'image_hash': f'{i:032x}'} for i in range(n)]
-
-
-def write(fmt: str, rows, path: Path):
-    if fmt == 'json':
-        path.write_text(json.dumps(rows))
-    elif fmt == 'jsonl':
-        path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
-    elif fmt == 'csv':
-        import csv
-        with open(path, 'w', newline='') as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        pq.write_table(pa.Table.from_pylist(rows), path)
 
 
 def measure(path: Path):
@@ -68,7 +53,7 @@ def main(argv=None):
         print('(peak MB: Python allocations while reading; rows MB: what the rows read hold afterwards)')
         for fmt in ('json', 'jsonl', 'csv', 'parquet'):
             path = Path(tmp) / f'train.{fmt}'
-            write(fmt, rows, path)
+            write_rows(path, rows)
             first = measure(path)[0]
             seconds, peak, held, n = measure(path)
             assert n == args.rows

@@ -14,7 +14,7 @@ import pytest
 import finetune
 import pre_inference
 from utils import backup_model
-from utils.data import DataError, read_split
+from utils.data import DataError, read_split, write_rows
 
 # ModelScope's own OFA captioning fine-tuning recipe: the `finetune_cfg` that ModelScope's
 # tests/trainers/test_ofa_trainer.py writes as the model's configuration.json before training
@@ -210,21 +210,8 @@ def _own_rows(images):
 
 
 def _write(fmt, rows, path):
-    if fmt == 'jsonl':
-        path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
-    elif fmt == 'csv':
-        import csv
-        with open(path, 'w', newline='') as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            for r in rows:  # a CSV cell holds the reference list as JSON text
-                w.writerow({k: (json.dumps(v) if isinstance(v, list) else ('' if v is None else v))
-                            for k, v in r.items()})
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        pq.write_table(pa.Table.from_pylist(rows), path)
-    return path
+    assert path.suffix == '.' + fmt
+    return write_rows(path, rows)
 
 
 @pytest.mark.parametrize('fmt', ['csv', 'jsonl', 'parquet'])

@@ -202,6 +202,32 @@ def _tabular_records(path: Path, split: str, columns: Columns, limit: Optional[i
     return len(table), records()
 
 
+def write_rows(path, rows: List[dict]) -> Path:
+    """Write rows (dicts) in the format the file's suffix names: a PCap ``.json`` list, ``.jsonl``, ``.csv``
+    (a list value becomes a JSON list in its cell, None an empty cell) or ``.parquet``. The inverse of
+    read_split's file reading, e.g. to convert a data set."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == '.json':
+        path.write_text(json.dumps(rows, ensure_ascii=False), encoding='utf-8')
+    elif suffix == '.jsonl':
+        path.write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows), encoding='utf-8')
+    elif suffix == '.csv':
+        import csv
+        with open(path, 'w', newline='', encoding='utf-8') as f:
+            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+            writer.writeheader()
+            writer.writerows({k: json.dumps(v) if isinstance(v, list) else ('' if v is None else v)
+                              for k, v in r.items()} for r in rows)
+    elif suffix == '.parquet':
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        raise ValueError(f'{path}: not one of {", ".join(SUFFIXES)}')
+    return path
+
+
 def read_split(path, img_addr: str, file_attr: str, split: str, *, columns: Optional[Columns] = None,
                strict: bool = False, check_images: bool = True, limit: Optional[int] = None
                ) -> Tuple[List[dict], SplitStats]:
