@@ -82,17 +82,17 @@ class Demo:
         self.lock = threading.Lock()
 
     def on_upload(self, path: Optional[str]):
-        """(preview, current image, status) for an upload."""
+        """(preview, current image, caption, status) for an upload (None: the upload was removed)."""
         if path is None:
-            return None, None, ''
+            return None, None, '', ''
         problem = check_upload(path, self.max_bytes)
         if problem:
-            return None, None, f'**Upload refused.** {problem}'
-        return path, path, ''
+            return None, None, '', f'**Upload refused.** {problem}'
+        return path, path, '', ''
 
     def on_sample(self, index: int):
         path = self.samples[index]
-        return path, path, ''
+        return path, path, '', ''
 
     def caption(self, image: Optional[str], style: str, beam_size: float, max_len: float):
         """(caption text, status) for the current image in one style, or one line per style."""
@@ -131,7 +131,7 @@ def build_app(demo: Demo, model_name: str):
             with gr.Column():
                 upload = gr.File(label='Upload an image', file_types=['image'], type='filepath', height=140,
                                  elem_id='upload')
-                samples = gr.Gallery(demo.samples, label='Or pick a sample', columns=N_SAMPLES, height='auto',
+                samples = gr.Gallery(demo.samples, label='Or pick a sample', columns=N_SAMPLES, rows=1, height=190,
                                      allow_preview=False, elem_id='samples', visible=bool(demo.samples))
                 preview = gr.Image(label='Image', type='filepath', interactive=False, height=260, elem_id='preview')
             with gr.Column():
@@ -143,8 +143,9 @@ def build_app(demo: Demo, model_name: str):
                 button = gr.Button('Caption', variant='primary', elem_id='run')
                 caption = gr.Textbox(label='Caption', lines=2, max_lines=30, interactive=False, elem_id='caption')
                 status = gr.Markdown('', elem_id='status')
-        upload.upload(demo.on_upload, inputs=upload, outputs=[preview, current, status])
-        samples.select(on_sample, inputs=None, outputs=[preview, current, status])
+        upload.upload(demo.on_upload, inputs=upload, outputs=[preview, current, caption, status])
+        upload.clear(lambda: demo.on_upload(None), inputs=None, outputs=[preview, current, caption, status])
+        samples.select(on_sample, inputs=None, outputs=[preview, current, caption, status])
         button.click(demo.caption, inputs=[current, style, beam, length], outputs=[caption, status])
     return app
 
