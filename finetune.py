@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument('-m', '--model', help='model dir to score, e.g. work_dir/output_best (default: work_dir/output)')
     evaluate.add_argument('-n', '--n_samples', type=int, help='score only the first N test rows')
     evaluate.add_argument('-l', '--log_csv', help='append one row of metrics to this CSV file')
+    evaluate.add_argument('--style_blind', action='store_true',
+                          help='ablation: caption every row with the same neutral style input (the prompt with '
+                               'an empty style slot); style accuracy then shows how much the model uses the style')
     return parser
 
 
@@ -162,7 +165,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 train(conf, checkpoint, stamp, rows, stats, style_map, val_rows)
             else:
                 from utils.evaluate import evaluate
-                evaluate(conf, checkpoint, stamp, rows, stats, log_csv=args.log_csv, model=args.model)
+                evaluate(conf, checkpoint, stamp, rows, stats, log_csv=args.log_csv, model=args.model,
+                         style_blind=args.style_blind)
         return 0
 
     try:

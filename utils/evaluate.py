@@ -14,37 +14,63 @@ CSV_SETTINGS = ('tokenize_style', 'beam_size', 'max_len', 'no_repeat_ngram_size'
 
 
 def evaluate(conf, checkpoint: Optional[str], stamp: str, rows: List[dict], stats,
-             log_csv: Optional[str] = None, model: Optional[str] = None) -> dict:
+             log_csv: Optional[str] = None, model: Optional[str] = None, style_blind: bool = False) -> dict:
     """Caption the test rows with {work_dir}/output (or the model dir ``model``, e.g. work_dir/output_best), or
     with the weights of a CheckpointHook checkpoint (prefix work_dir/iter_N), score them against all their
-    references, write eval_{time}.json."""
+    references, write eval_{time}.json and its page eval_{time}.html. ``style_blind``: the ablation, every
+    row captioned with the same neutral style input (:func:`withhold_style`); the style accuracy is still
+    measured against each row's requested style."""
     from utils.captioner import load_captioner
     from utils.metrics import format_table, score
+    from utils.report import write_report
+    from utils.style_classifier import classifier_for_conf, style_figures
 
     captioner = load_captioner(conf, model, checkpoint=checkpoint + '.pth' if checkpoint else None)
-    items = [{'style': r['style'], 'image': r['image']} for r in rows]
+    neutral = withhold_style(captioner) if style_blind else None
+    items = [{'style': neutral or r['style'], 'image': r['image']} for r in rows]
     captions = captioner.caption(items, batch_size=conf.batch_size, num_workers=conf.num_workers)
     metrics = score(captions, [r['references'] for r in rows])
+    classifier, status = classifier_for_conf(conf, captioner.model_dir)
+    figures, predicted = style_figures(classifier, [r['style'] for r in rows], captions,
+                                       [r['references'] for r in rows], status)
+    metrics.update(figures)
 
     model = captioner.model_dir
     result = {
         'mode': 'eval', 'time': stamp, 'model': model, 'checkpoint': checkpoint,
         'settings': {k: getattr(conf, k) for k in CSV_SETTINGS},
+        'style_blind': style_blind,
         'data': {'test': stats.to_dict()},
         'metrics': metrics,
-        'predictions': [{'style': r['style'], 'image': r['image'], 'caption': c, 'references': r['references']}
-                        for r, c in zip(rows, captions)],
+        'predictions': [{'style': r['style'], 'image': r['image'], 'caption': c, 'references': r['references'],
+                         'predicted_style': p} for r, c, p in zip(rows, captions, predicted)],
     }
     path = unique_path(conf.work_dir, 'eval', stamp)
     write_json_atomic(path, result)
     print(format_table(metrics))
     logger.info('eval results: %s', path)
+    try:
+        write_report(result, path, conf.work_dir)
+    except Exception as exc:  # noqa: BLE001 - the page is a view of the JSON, which is already written
+        logger.warning('could not write the HTML report: %s', exc)
     if log_csv:
-        append_csv_row(log_csv, {'time': stamp, 'model': model, 'checkpoint': checkpoint or '',
-                                      **result['settings'], 'n_samples': len(rows),
-                                      **{k: v for k, v in metrics.items() if k[0].isupper()}})
+        # the CSV's columns stay as they were (old files keep appending); an ablation row says so by its model
+        append_csv_row(log_csv, {'time': stamp, 'model': model + (' (style-blind)' if style_blind else ''),
+                                 'checkpoint': checkpoint or '', **result['settings'], 'n_samples': len(rows),
+                                 **{k: v for k, v in metrics.items() if k[0].isupper()}})
         logger.info('metrics row appended to %s', log_csv)
     return result
+
+
+NEUTRAL_STYLE = '(style withheld)'  # the pseudo-style of the style-blind ablation
+
+
+def withhold_style(captioner) -> str:
+    """Style-blind ablation: register a pseudo-style whose prompt is the model's prompt template with the
+    style slot left empty (no style token, no style word), and return its name; captioning every row with
+    it gives every row the same neutral style input."""
+    captioner.style_map.tokens[NEUTRAL_STYLE] = ''
+    return NEUTRAL_STYLE
 
 
 def append_csv_row(path: str, row: dict) -> None:

@@ -13,7 +13,10 @@ reported as ``None`` with a ``spice_status`` line giving the command that instal
 
 Command line::
 
-    python -m utils.metrics INFERENCE_JSON [-o OUT.json] [--no-spice]
+    python -m utils.metrics INFERENCE_JSON [-o OUT.json] [--no-spice] [--conf C]
+
+Style accuracy (utils.style_classifier) comes with the caption metrics when a style classifier is found:
+with ``--conf C`` the one of C's train split, else the one kept in the model dir's ``style_classifier/``.
 
 Java must be on PATH (the PTB tokenizer, METEOR and SPICE are Java programs).
 """
@@ -246,7 +249,23 @@ def format_table(metrics: dict) -> str:
         lines.append(f'{name:<10} {"n/a" if value is None else f"{100 * value:.1f}":>12}')
     if metrics.get('SPICE', 0) is None and metrics.get('spice_status'):
         lines.append(metrics['spice_status'])
+    lines += _style_lines(metrics)
     return '\n'.join(lines)
+
+
+def _style_lines(metrics: dict) -> list[str]:
+    """Style accuracy (x100) of the generated captions, its ceiling (the references) and chance."""
+    if 'style_accuracy_top1' not in metrics:
+        return []
+    if metrics['style_accuracy_top1'] is None:
+        return [metrics.get('style_status') or 'style accuracy unavailable']
+    pct = lambda v: 'n/a' if v is None else f'{100 * v:.1f}'  # noqa: E731
+    chance = metrics.get('style_chance_top1')
+    return ['style accuracy          top-1   top-5',
+            f'  generated captions  {pct(metrics["style_accuracy_top1"]):>7} {pct(metrics.get("style_accuracy_top5")):>7}',
+            f'  references (ceiling){pct(metrics.get("reference_style_accuracy_top1")):>7} '
+            f'{pct(metrics.get("reference_style_accuracy_top5")):>7}',
+            f'  chance              {pct(chance):>7} {pct(None if chance is None else min(1.0, 5 * chance)):>7}']
 
 
 # ---------------------------------------------------------------- command line
@@ -317,6 +336,39 @@ def load_inference(path: str) -> tuple[list[str], list[list[str]], int]:
     return predictions, references, skipped
 
 
+def load_styles(path: str) -> list[Optional[str]]:
+    """The "style" of each row load_inference keeps (rows with a reference), None where a row has none."""
+    rows = _read_json(path)['results']
+    return [row.get('style') if isinstance(row.get('style'), str) else None
+            for i, row in enumerate(rows) if _row_references(row, f'{path}: results row {i + 1}') is not None]
+
+
+def style_metrics(path: str, predictions: list[str], references: list[list[str]],
+                  conf_path: Optional[str] = None) -> dict:
+    """The style figures of a file's scored rows (see utils.style_classifier). The classifier: with
+    ``conf_path``, the one of that conf's train split (cached in its work_dir); otherwise the copy kept in
+    ``style_classifier/`` of the model dir the file names ("model" or "model_name"), or of
+    ``output/`` beside the file (a work_dir's default model)."""
+    from utils.style_classifier import classifier_for_conf, find_carried_classifier, style_figures
+
+    if conf_path:
+        from utils.conf import read_conf
+        classifier, status = classifier_for_conf(read_conf(conf_path))
+    else:
+        data = _read_json(path)
+        named = [data.get(k) for k in ('model', 'model_name') if isinstance(data.get(k), str)]
+        classifier, status = find_carried_classifier(
+            named + [os.path.join(os.path.dirname(os.path.abspath(path)), 'output')])
+    styles = load_styles(path)
+    keep = [i for i, s in enumerate(styles) if s is not None]
+    if classifier is not None and len(keep) < len(styles):
+        logger.warning('%s: %d scored rows have no "style"; style accuracy covers the other %d',
+                       path, len(styles) - len(keep), len(keep))
+    figures, _ = style_figures(classifier, [styles[i] for i in keep], [predictions[i] for i in keep],
+                               [references[i] for i in keep], status)
+    return figures
+
+
 def default_output_path(input_path: str) -> str:
     """<input dir>/<input stem>_metrics.json."""
     p = Path(input_path)
@@ -330,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('inference_json', help='inference file with a "results" list of {caption, reference, ...}')
     parser.add_argument('-o', '--output', help='metrics JSON to write (default: <input stem>_metrics.json beside the input)')
     parser.add_argument('--no-spice', action='store_true', help='skip SPICE even if its jars are installed')
+    parser.add_argument('--conf', help='style accuracy with the style classifier of this conf\'s train split '
+                                       '(default: the one kept in the style_classifier/ of the model dir)')
     return parser
 
 
@@ -355,6 +409,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (RuntimeError, ValueError, OSError) as exc:
         _error(f'{path}: scoring failed: {_first_line(exc)}')
         return 1
+    try:
+        metrics.update(style_metrics(path, predictions, references, args.conf))
+    except ValueError as exc:  # ConfError: a bad --conf (its messages name the file or key)
+        _error(str(exc))
+        return 2
     out = args.output or default_output_path(path)
     payload = {'input': path, 'metrics': metrics, 'n_scored': len(predictions), 'n_skipped': skipped}
     try:
