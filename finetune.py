@@ -15,7 +15,7 @@ from typing import List, Optional
 
 from utils.checkpointing import WorkDirLock, resolve_checkpoint
 from utils import distributed
-from utils.conf import PRECISIONS, STAGES, VAL_METRICS, Conf, ConfError, apply_overrides, read_conf, validate
+from utils.conf import Conf, ConfError, add_conf_flags, conf_overrides, load_conf
 
 logger = logging.getLogger('finetune')
 OUTPUT_DIR = 'output'  # utils.training.trainer.OUTPUT_DIR
@@ -24,7 +24,8 @@ OUTPUT_DIR = 'output'  # utils.training.trainer.OUTPUT_DIR
 # ---------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    """Flags override the conf key of the same name; their defaults live in utils/conf.py only."""
+    """The command's own flags; every conf key of the command's sections is a flag too (utils/conf.py
+    add_conf_flags: its help is the key's comment in Conf, its default the conf's value)."""
     parser = argparse.ArgumentParser(prog='finetune.py', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = parser.add_subparsers(dest='mode', required=True, metavar='{train,eval}')
@@ -35,54 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument('-p', '--checkpoint', default=None,
                        help='train: resume from this CheckpointHook checkpoint (work_dir/iter_N or its '
                             'iter_N.pth), or "latest"; eval: score this checkpoint instead of work_dir/output')
-        p.add_argument('-b', '--batch_size', type=int, help='samples per batch (conf: batch_size)')
-        p.add_argument('-w', '--num_workers', type=int, help='dataloader workers (conf: num_workers)')
-        p.add_argument('--work_dir', help='conf: work_dir')
-        p.add_argument('--patch_image_size', type=int, help='conf: patch_image_size')
-        p.add_argument('--max_image_size', type=int, help='conf: max_image_size')
-        p.add_argument('--precision', choices=PRECISIONS, help='fp32, bf16 or fp16 (conf: precision)')
-        p.add_argument('--strict', action='store_const', const=True,
-                       help='a bad data row stops the run instead of being skipped and counted')
         p.add_argument('--debug', action='store_true', help='show the traceback of an error')
-    train.add_argument('-e', '--max_epoches', '--max_epochs', dest='max_epochs', type=int,
-                       help='epochs to train (conf: max_epochs)')
-    train.add_argument('--lr', type=float, help='peak learning rate (conf: lr)')
-    train.add_argument('--warmup', type=float, help='warm-up fraction of all steps (conf: warmup)')
-    train.add_argument('--weight_decay', type=float, help='conf: weight_decay')
-    train.add_argument('--label_smoothing', type=float, help='conf: label_smoothing')
-    train.add_argument('--seed', type=int, help='conf: seed')
-    train.add_argument('--log_interval', type=int, help='iterations between loss log lines (conf: log_interval)')
-    train.add_argument('--max_train_samples', type=int, help='use only the first N train rows')
-    train.add_argument('--stage', choices=STAGES, help='ce or scst (conf: stage)')
-    train.add_argument('--eval_interval', type=int, help='iterations between validations (conf: eval_interval)')
-    train.add_argument('--val_max_samples', type=int, help='validate on the first N val rows (conf: val_max_samples)')
-    train.add_argument('--best_metric', choices=VAL_METRICS, help='picks output_best (conf: best_metric)')
-    evaluate.add_argument('--beam_size', type=int, help='conf: beam_size')
-    evaluate.add_argument('--max_len', type=int, help='conf: max_len')
-    evaluate.add_argument('--no_repeat_ngram_size', type=int, help='conf: no_repeat_ngram_size')
     evaluate.add_argument('-m', '--model', help='model dir to score, e.g. work_dir/output_best (default: work_dir/output)')
     evaluate.add_argument('-n', '--n_samples', type=int, help='score only the first N test rows')
     evaluate.add_argument('-l', '--log_csv', help='append one row of metrics to this CSV file')
     evaluate.add_argument('--style_blind', action='store_true',
                           help='ablation: caption every row with the same neutral style input (the prompt with '
                                'an empty style slot); style accuracy then shows how much the model uses the style')
+    add_conf_flags(train, 'train')
+    add_conf_flags(evaluate, 'eval')
     return parser
-
-
-CONF_FLAGS = ('batch_size', 'num_workers', 'work_dir', 'patch_image_size', 'max_image_size', 'strict', 'precision',
-              'max_epochs', 'lr', 'warmup', 'weight_decay', 'label_smoothing', 'seed', 'log_interval',
-              'max_train_samples', 'beam_size', 'max_len', 'no_repeat_ngram_size', 'stage', 'eval_interval',
-              'val_max_samples', 'best_metric')
-
-
-def load_conf(args) -> Conf:
-    """conf file -> CLI overrides -> demo assets (when asked for) -> validation. Writes nothing else."""
-    conf = read_conf(args.conf)
-    conf = apply_overrides(conf, **{k: getattr(args, k, None) for k in CONF_FLAGS})
-    if conf.demo:
-        from utils.demo_data import ensure_demo_assets
-        ensure_demo_assets(conf.model_name, conf.dataset_path, conf.img_addr, conf.patch_image_size or 64)
-    return validate(conf, splits=('train', 'val') if args.mode == 'train' else ('test',))
 
 
 # ---------------------------------------------------------------- train
@@ -132,7 +95,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def prepare():  # every check that can fail on bad input, before anything is written
         from utils.training.validation import load_val_rows
-        conf = load_conf(args)
+        conf = load_conf(args.conf, conf_overrides(args),
+                         splits=('train', 'val') if args.mode == 'train' else ('test',))
         checkpoint = resolve_checkpoint(args.checkpoint, conf.work_dir)
         if args.mode == 'eval':
             from utils.captioner import trained_model_dir

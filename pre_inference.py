@@ -15,7 +15,7 @@ import random
 import sys
 from typing import List, Optional
 
-from utils.conf import PRECISIONS, ConfError, apply_overrides, read_conf, validate
+from utils.conf import ConfError, add_conf_flags, conf_overrides, load_conf
 from utils.data import DataError, SplitStats, check_image, image_path, load_split
 from utils.styles import UnknownStyleError
 
@@ -26,8 +26,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='pre_inference.py', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-c', '--conf', required=True, help='path to the JSON conf')
-    p.add_argument('-b', '--batch_size', type=int, help='captions per batch (conf: batch_size)')
-    p.add_argument('-w', '--num_workers', type=int, help='dataloader workers (conf: num_workers)')
     p.add_argument('-n', '--n_samples', type=int, help='caption N test samples (default: all)')
     p.add_argument('-r', '--random', action='store_true', help='pick the N test samples at random (conf: seed)')
     p.add_argument('-j', '--json', help='caption this JSON list of {"style", "image" or "image_hash", '
@@ -35,13 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('-m', '--model', help='model dir or hub id (default: {work_dir}/output)')
     p.add_argument('-o', '--out_dir', help='where inference_{time}.json goes (default: work_dir)')
     p.add_argument('-d', '--desc', help='a description that replaces model_name in the output')
-    p.add_argument('--beam_size', type=int, help='conf: beam_size')
-    p.add_argument('--max_len', type=int, help='conf: max_len')
-    p.add_argument('--no_repeat_ngram_size', type=int, help='conf: no_repeat_ngram_size')
-    p.add_argument('--precision', choices=PRECISIONS, help='fp32, bf16 or fp16 autocast (conf: precision)')
-    p.add_argument('--strict', action='store_const', const=True,
-                   help='a bad row (test split or -j list) stops the run instead of being skipped and counted')
     p.add_argument('--debug', action='store_true', help='show the traceback of an error')
+    add_conf_flags(p, 'caption')  # --strict: a bad row of the test split or the -j list stops the run
     return p
 
 
@@ -130,11 +123,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def run(args) -> int:
     from utils.runtime import timestamp, unique_path, write_json_atomic
 
-    conf = apply_overrides(read_conf(args.conf), batch_size=args.batch_size, num_workers=args.num_workers,
-                           beam_size=args.beam_size, max_len=args.max_len,
-                           no_repeat_ngram_size=args.no_repeat_ngram_size, precision=args.precision,
-                           strict=args.strict)
-    validate(conf, splits=() if args.json else ('test',))
+    conf = load_conf(args.conf, conf_overrides(args), splits=() if args.json else ('test',))
     if args.n_samples is not None and args.n_samples < 1:
         raise ConfError(f'-n must be at least 1, got {args.n_samples}')
     stats, skipped = None, None

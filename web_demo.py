@@ -20,7 +20,7 @@ import threading
 import warnings
 from typing import List, Optional
 
-from utils.conf import ConfError, read_conf, validate
+from utils.conf import ConfError, add_conf_flags, conf_overrides, load_conf
 
 logger = logging.getLogger('web_demo')
 ALL_STYLES = 'All styles'
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--port', type=int, default=7860, help='port to listen on')
     p.add_argument('--max_upload_mb', type=float, default=10, help='largest upload accepted, in MB')
     p.add_argument('--debug', action='store_true', help='show the traceback of an error')
+    add_conf_flags(p, 'caption')  # e.g. --beam_size, --max_len: the controls' starting values
     return p
 
 
@@ -162,7 +163,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def run(args) -> int:
-    conf = validate(read_conf(args.conf), splits=())
+    conf = load_conf(args.conf, conf_overrides(args), splits=())
     if not 0 < args.max_upload_mb:
         raise ConfError(f'--max_upload_mb must be positive, got {args.max_upload_mb}')
     if not 0 <= args.port < 65536:

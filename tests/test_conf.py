@@ -110,3 +110,52 @@ def test_shipped_confs_parse(name):
     assert conf.prompt_template.count('{}') == 1
     if name != 'demo.json':
         assert not conf.model_is_local and conf.model_revision
+
+
+# ---------------------------------------------------------------- flags generated from the Conf fields
+
+def test_every_scalar_conf_key_is_a_train_flag_with_its_comment_as_help():
+    import dataclasses
+
+    import finetune
+    from utils.conf import conf_fields
+    fields = conf_fields()
+    scalar = [f.name for f in dataclasses.fields(Conf) if not dataclasses.is_dataclass(f.type)
+              and f.name not in ('columns', 'checkpoint', 'scst')]
+    assert [name for _, name, *_ in fields] == scalar
+    assert all(help_text for _, _, _, help_text, _ in fields)
+    help_of = {name: help_text for _, name, _, help_text, _ in fields}
+    assert help_of['lr'] == 'peak learning rate (AdamW)'
+    train_help = finetune.build_parser()._subparsers._group_actions[0].choices['train'].format_help()
+    for name in scalar:
+        assert f'--{name}' in train_help, name
+
+
+@pytest.mark.parametrize('argv, expected', [
+    (['-b', '3', '--lr', '0.5', '-e', '2'], {'batch_size': 3, 'lr': 0.5, 'max_epochs': 2}),
+    (['--max_epoches', '4', '--no-eval_every_epoch', '--strict'], {'max_epochs': 4, 'eval_every_epoch': False,
+                                                                   'strict': True}),
+    ([], {}),
+])
+def test_train_flags_override_only_what_is_given(argv, expected):
+    import finetune
+    from utils.conf import conf_overrides
+    args = finetune.build_parser().parse_args(['train', '--conf', 'c.json', *argv])
+    assert conf_overrides(args) == expected
+
+
+def test_every_entry_point_takes_its_sections_keys_as_flags():
+    import finetune
+    import pre_inference
+    import web_demo
+    from utils import backup_model
+    from utils.conf import conf_overrides
+    caption = ['--conf', 'c.json', '--beam_size', '2', '--precision', 'bf16', '-b', '7']
+    want = {'beam_size': 2, 'precision': 'bf16', 'batch_size': 7}
+    assert conf_overrides(pre_inference.build_parser().parse_args(caption)) == want
+    assert conf_overrides(web_demo.build_parser().parse_args(caption)) == want
+    assert conf_overrides(finetune.build_parser().parse_args(['eval', *caption])) == want
+    assert conf_overrides(backup_model.build_parser().parse_args(['--conf', 'c.json', '--work_dir', 'w'])) == \
+        {'work_dir': 'w'}
+    with pytest.raises(SystemExit):  # a training key is not a captioning flag
+        pre_inference.build_parser().parse_args(['--conf', 'c.json', '--lr', '0.1'])

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple, Union
 
 from utils import __version__, runtime
-from utils.conf import Conf, ConfError, is_local_model, read_conf, validate
+from utils.conf import Conf, ConfError, add_conf_flags, conf_overrides, is_local_model, load_conf
 from utils.styles import STYLE_MAP_FILE
 
 logger = logging.getLogger(__name__)
@@ -337,10 +337,10 @@ def _in_work_dir(arg: str, work_dir: str) -> str:
 
 
 def backup(conf_path: str, out_dir: Optional[str] = None, conf_mode: str = 'full',
-           checkpoint: Optional[str] = None, model: Optional[str] = None) -> str:
+           checkpoint: Optional[str] = None, model: Optional[str] = None, overrides: Optional[dict] = None) -> str:
     """Write the backup archive of the model trained with conf_path; return its path.
     conf_mode: "full" (the conf as resolved), "shareable" (local paths null), "none" (no conf)."""
-    conf = validate(read_conf(conf_path), splits=())
+    conf = load_conf(conf_path, overrides, splits=())
     output = model or os.path.join(conf.work_dir, OUTPUT_DIR)
     if model is not None and not os.path.isdir(model):
         raise BackupError(f'-m {model}: no such model dir')
@@ -657,6 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--verify', metavar='ARCHIVE', help='check every file of ARCHIVE against its manifest')
     p.add_argument('--restore', nargs=2, metavar=('ARCHIVE', 'DIR'),
                    help='check ARCHIVE, extract it to DIR/{model}_{time}/ and print the model dir')
+    add_conf_flags(p, 'backup')  # with --conf: e.g. --work_dir
     return p
 
 
@@ -688,7 +689,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.restore is not None:
             return restore(*args.restore)[0]
         mode = 'shareable' if args.shareable else 'none' if args.no_conf else 'full'
-        path = backup(args.conf, args.out_dir, mode, args.checkpoint, args.model)
+        path = backup(args.conf, args.out_dir, mode, args.checkpoint, args.model, conf_overrides(args))
         print(path)
         return 0
     except (BackupError, ConfError) as e:

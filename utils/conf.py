@@ -63,22 +63,27 @@ class Conf:
     model_revision: Optional[str] = None   # hub revision (v1.0.1); ignored for a local model dir
     prompt: Optional[str] = None    # template with one "{}" for the style; empty/null: DEFAULT_PROMPT
 
+    # --- data ---
     columns: Columns = field(default_factory=Columns)  # data file column of each field (default: PCap names)
+    strict: bool = False            # a bad data row (missing/unreadable image, missing field) stops the run instead of being skipped and counted
+    demo: bool = False              # build the offline demo's tiny model and data set if they are absent
+
+    # --- running (every command) ---
+    batch_size: int = 4             # (CLI -b) samples per step, per device; captions per batch
+    num_workers: int = 0            # (CLI -w) dataloader worker processes
+    precision: str = 'fp32'         # fp32, bf16 or fp16 (autocast; fp16 training with a loss scaler): training and captioning
+    seed: int = 42                  # random seed for weights of new layers, shuffling, sampling, -r picks
 
     # --- training ---
-    max_epochs: int = 3             # epochs to train (CLI -e/--max_epoches)
-    batch_size: int = 4             # samples per step, per device (CLI -b)
-    num_workers: int = 0            # dataloader worker processes (CLI -w)
+    max_epochs: int = 3             # (CLI -e/--max_epoches) epochs to train
     lr: float = 5e-5                # peak learning rate (AdamW)
     warmup: float = 0.01            # fraction of all steps spent warming the learning rate up linearly
     weight_decay: float = 0.01      # AdamW weight decay
     label_smoothing: float = 0.1    # label smoothing of the cross-entropy loss
-    seed: int = 42                  # random seed for weights of new layers, shuffling, sampling
     log_interval: int = 10          # iterations between two log lines of the loss
     max_train_samples: Optional[int] = None  # use only the first N train rows (null: all)
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)  # CheckpointHook settings
     image_cache: Optional[str] = None  # folder for a cache of decoded, resized train images (null: off)
-    precision: str = 'fp32'         # fp32, bf16 or fp16 (autocast; fp16 with a loss scaler): training and captioning
 
     # --- validation and the best checkpoint (utils/training/validation.py) ---
     eval_interval: Optional[int] = 5000  # iterations between two validations on the val split (null: only at epoch ends)
@@ -97,10 +102,6 @@ class Conf:
     beam_size: int = 5              # beam width when captioning
     max_len: int = 16               # longest caption, in tokens, when captioning
     no_repeat_ngram_size: int = 3   # forbid repeating n-grams of this size when captioning (0: off)
-
-    # --- data hygiene ---
-    strict: bool = False            # true: a bad row (missing/unreadable image, missing field) stops the run
-    demo: bool = False              # true: build the offline demo's tiny model and data set if they are absent
 
     # ---------------------------------------------------------------- derived
     @property
@@ -190,6 +191,87 @@ def apply_overrides(conf: Conf, **overrides) -> Conf:
     hints = get_type_hints(Conf)
     changes = {k: _check_type(k, v, hints[k]) for k, v in overrides.items() if v is not None}
     return dataclasses.replace(conf, **changes)
+
+
+# ------------------------------------------------------------------ command-line flags
+
+SECTIONS = {  # Conf's "# --- name ---" sections whose keys are flags of each command
+    'train': ('seed', 'data', 'running', 'training', 'validation', 'stage', 'generation'),
+    'eval': ('seed', 'data', 'running', 'generation'),
+    'caption': ('seed', 'data', 'running', 'generation'),   # pre_inference.py, web_demo.py
+    'backup': ('seed',),
+}
+CHOICES = {'precision': PRECISIONS, 'stage': STAGES, 'best_metric': VAL_METRICS}
+_SECTION_NAMES = {"the seed's keys": 'seed', 'training stage': 'stage', 'images and generation': 'generation'}
+
+
+def conf_fields() -> list:
+    """(section, name, type, help, short flags) of every scalar Conf field, read from Conf's own source:
+    each field's help is its end-of-line comment, its section the "# --- section ---" line above it, and
+    "(CLI -b)" or "(CLI -e/--max_epoches)" at the start of a comment names extra flags."""
+    import inspect
+    import io
+    import tokenize
+
+    hints = get_type_hints(Conf)
+    found, section, name = [], None, None
+    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(Conf)).readline):
+        if tok.type == tokenize.COMMENT:
+            heading = re.match(r'#\s*---\s*(.+?)\s*(\(.*\))?\s*-*\s*$', tok.string)
+            if heading and tok.start[1] == 4:
+                title = heading.group(1).strip()
+                section = _SECTION_NAMES.get(title, title.split()[0].lower())
+                name = None
+            elif name is not None:
+                text = tok.string.lstrip('#').strip()
+                cli = re.match(r'\(CLI ([^)]*)\)\s*', text)
+                extra = tuple(cli.group(1).split('/')) if cli else ()
+                found.append((section, name, hints[name], text[cli.end():] if cli else text, extra))
+                name = None
+        elif tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in hints and name is None \
+                and not dataclasses.is_dataclass(hints[tok.string]):
+            name = tok.string
+        elif tok.type == tokenize.NEWLINE:
+            name = None
+    return found
+
+
+def add_conf_flags(parser, command: str) -> None:
+    """One flag per Conf key of the command's sections (``--lr``, ``--batch_size``/``-b``, ...), typed from
+    the field, helped by its comment, default None (= keep the conf's value; defaults live in Conf only)."""
+    import argparse
+
+    wanted = SECTIONS[command]
+    groups = {}
+    for section, name, tp, help_text, extra in conf_fields():
+        if section not in wanted:
+            continue
+        group = groups.get(section) or groups.setdefault(
+            section, parser.add_argument_group(f'conf keys ({section}); a flag overrides the conf file'))
+        base = get_args(tp)[0] if get_origin(tp) is Union else tp
+        kwargs = {'dest': name, 'default': None, 'help': help_text.replace('%', '%%')}
+        if base is bool:
+            kwargs['action'] = argparse.BooleanOptionalAction
+        else:
+            metavar = None if name in CHOICES else {int: 'N', float: 'X'}.get(base, 'TEXT')
+            kwargs.update(type=base, metavar=metavar, choices=CHOICES.get(name))
+        group.add_argument(*extra, f'--{name}', **kwargs)
+
+
+def conf_overrides(args) -> dict:
+    """The Conf keys given on a command line built with add_conf_flags (not given: left out)."""
+    names = {name for _, name, *_ in conf_fields()}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def load_conf(path: Union[str, Path], overrides: Optional[dict] = None, splits=('train', 'val', 'test')) -> Conf:
+    """The one way every entry point gets its conf: the file, the command line's overrides, the demo's
+    assets when the conf asks for them, then every check (``validate``) of the splits it reads."""
+    conf = apply_overrides(read_conf(path), **(overrides or {}))
+    if conf.demo:
+        from utils.demo_data import ensure_demo_assets
+        ensure_demo_assets(conf.model_name, conf.dataset_path, conf.img_addr, conf.patch_image_size or 64)
+    return validate(conf, splits=splits)
 
 
 # ------------------------------------------------------------------ validation
