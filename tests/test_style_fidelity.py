@@ -242,8 +242,8 @@ def _write_logs(work: Path, stamp='20260101_000000', ipe=5, epochs=2, interval=2
     for epoch in range(1, epochs + 1):
         for it in range(interval, ipe + 1, interval):
             g = (epoch - 1) * ipe + it
-            lines.append({'mode': 'train', 'epoch': epoch, 'iter': it, 'lr': 1e-3 / g, 'time': 0.1,
-                          'data_time': 0.01, 'loss': 5.0 / g})
+            lines.append({'mode': 'train', 'epoch': epoch, 'iter': it, 'lr': 1e-3 / g, 'iter_time': 0.1,
+                          'data_load_time': 0.01, 'loss': 5.0 / g})
             text.append(f'2026 - modelscope - INFO - epoch [{epoch}][{it}/{ipe}]\tlr: 1e-3, loss: {5.0 / g}')
     (work / f'{stamp}.log.json').write_text('\n'.join(json.dumps(ln) for ln in lines) + '\n')
     (work / f'{stamp}.log').write_text('\n'.join(text) + '\n')
@@ -256,6 +256,7 @@ def test_curves_from_logs_and_validation_metrics(tmp_path):
     (tmp_path / 'val_metrics.jsonl').write_text('\n'.join(json.dumps(v) for v in val) + '\n{"iteration": 15, "ep')
     losses, lrs = curves.read_train_log(str(tmp_path))
     assert [i for i, _ in losses['loss']] == [2, 4, 7, 9]  # epoch 2's inner iterations 2, 4 -> 7, 9
+    assert list(losses) == ['loss']  # timings are not training signals
     assert lrs['lr'][2] == (7, pytest.approx(1e-3 / 7))
     assert curves.read_val_metrics(str(tmp_path))['CIDEr'] == [(5, 0.1), (10, 0.3)]  # partial last line skipped
     paths = curves.draw_curves(str(tmp_path))
@@ -278,5 +279,6 @@ def test_curves_of_a_real_training_run(trained, capsys):
     """The session's training run (ModelScope's TextLoggerHook, 2 epochs x 6 iterations, logged every one)."""
     losses, lrs = curves.read_train_log(str(trained[1]))
     assert [i for i, _ in losses['loss']] == list(range(1, 13))
+    assert 'iter_time' not in losses and 'data_load_time' not in losses
     assert curves.main([str(trained[1])]) == 0
     assert 'curves_loss.png' in capsys.readouterr().out

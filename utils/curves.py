@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 VAL_METRICS_FILE = 'val_metrics.jsonl'
 CURVE_FILES = {'loss': 'curves_loss.png', 'lr': 'curves_lr.png', 'validation': 'curves_validation.png'}
 # TextLoggerHook keys that are bookkeeping, not training signals
-_NOT_PLOTTED = {'mode', 'epoch', 'iter', 'lr', 'time', 'data_time', 'memory', 'eta'}
+_NOT_PLOTTED = {'mode', 'epoch', 'iter', 'lr', 'iter_time', 'data_load_time', 'time', 'data_time', 'memory', 'eta'}
 _TEXT_LOG_ITERS = re.compile(r'\[(\d+)\]\[(\d+)/(\d+)\]')
 
 Series = Dict[str, List[Tuple[int, float]]]  # name -> [(iteration, value)]
