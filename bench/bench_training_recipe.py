@@ -25,8 +25,8 @@ def step_seconds(trainer, batches) -> float:
     def step(batch):
         loss, _, _ = trainer.criterion(model, batch)
         loss.backward()
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad()
+        trainer.optimizers[0].step()
+        trainer.optimizers[0].zero_grad()
     step(batches[0])
     start = time.perf_counter()
     for batch in batches[1:]:
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     from utils.conf import conf_from_dict, validate
     from utils.data import load_split
     from utils.demo_data import COLOURS, SHAPES, STYLES, build_demo_data, caption
-    from utils.metrics import score
+    from utils.metrics import score, start_meteor, stop_meteor
     from utils.styles import StyleMap
     from utils.tiny_model import build_tiny_ofa
     from utils.training import trainer as assembly
@@ -91,23 +91,30 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             captions = captioner.caption(trainer, items)
             results['val_caption'] = time.perf_counter() - start
+            refs = [r['references'] for r in val_rows]
             start = time.perf_counter()
-            score(captions, [r['references'] for r in val_rows], spice=False)
+            meteor = start_meteor()  # the first validation of a run starts METEOR (a Java process) ...
+            score(captions, refs, spice=False, meteor=meteor)
+            results['val_score_first'] = time.perf_counter() - start
+            start = time.perf_counter()
+            score(captions, refs, spice=False, meteor=meteor)  # ... the later ones reuse it
             results['val_score'] = time.perf_counter() - start
+            stop_meteor(meteor)
 
     ce_step = results['ce']
     print(f'machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, '
-          f'threads {torch.get_num_threads()}')
+          f'threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}')
     print(f'tiny OFA (d_model 64, 2+2 layers) at {args.size}px, batch {args.batch}, {args.steps} timed steps; '
           f'SCST {args.candidates} beam candidates, max_len 16; validation {len(val_rows)} rows, beam {args.beam}')
-    print(f'{"what":44s} {"seconds":>9s} {"x CE step":>10s}')
+    print(f'{"what":50s} {"seconds":>9s} {"x CE step":>10s}')
     table = [('CE step (forward, backward, AdamW step)', ce_step),
              (f'SCST step ({args.candidates} candidates)', results['scst']),
              (f'validation: caption {len(val_rows)} val rows', results['val_caption']),
              ('validation: score (BLEU, METEOR, ROUGE-L, CIDEr)', results['val_score']),
-             ('validation pass, total', results['val_caption'] + results['val_score'])]
+             ('validation pass, total', results['val_caption'] + results['val_score']),
+             ('first validation of a run: score + METEOR start', results['val_score_first'])]
     for what, seconds in table:
-        print(f'{what:44s} {seconds:9.3f} {seconds / ce_step:9.1f}x')
+        print(f'{what:50s} {seconds:9.3f} {seconds / ce_step:9.1f}x')
     return 0
 
 

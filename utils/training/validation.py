@@ -66,6 +66,7 @@ class LiveCaptioner:
         from utils.captioner import Captioner
 
         model = trainer.unwrap_module(trainer.model)
+        was_training = model.training  # (building the Captioner puts the model in eval mode)
         if self.captioner is None or self.captioner.model is not model:
             self.captioner = Captioner(
                 model, beam_size=self.conf.beam_size, max_len=self.conf.max_len,
@@ -73,7 +74,6 @@ class LiveCaptioner:
                 device=str(next(model.parameters()).device), style_map=self.style_map,
                 model_cfg={'patch_image_size': self.conf.patch_image_size,
                            'max_image_size': self.conf.max_image_size})
-        was_training = model.training
         try:
             return self.captioner.caption(items, batch_size=self.conf.batch_size, progress=distributed.is_main())
         finally:
