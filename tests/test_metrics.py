@@ -245,8 +245,11 @@ def test_cli_beside_input_string_and_list_references_and_skips(tmp_path, capsys,
     assert payload['input'] == path and payload['n_scored'] == 3 and payload['n_skipped'] == 2
     expected = metrics.score([rows[0]['caption'], rows[1]['caption'], rows[3]['caption']],
                              [[rows[0]['reference']], rows[1]['reference'], rows[3]['reference']])
+    style = {k: payload['metrics'].pop(k) for k in list(payload['metrics']) if 'style' in k}
     assert payload['metrics'] == expected
     assert payload['metrics']['SPICE'] is None
+    # no style classifier anywhere (no --conf, no model dir): the style figures are null, with the reason
+    assert style['style_accuracy_top1'] is None and '--conf' in style['style_status']
     stdout = capsys.readouterr().out
     assert 'x100' in stdout and 'SPICE' in stdout and 'n/a' in stdout
     assert 'skipped 2' in caplog.text
