@@ -188,6 +188,9 @@ def test_metrics_cli_style_accuracy_with_conf_or_the_models_copy(evals, styled, 
         for key in FIGURES:
             assert m[key] == pytest.approx(normal['metrics'][key]), key
     assert 'references (ceiling)' in capsys.readouterr().out
+    before = sorted(os.listdir(tmp_path))
+    assert metrics_main([str(inference), '--conf', str(tmp_path / 'nope.json'), '--no-spice']) == 2
+    assert 'nope.json' in capsys.readouterr().err and sorted(os.listdir(tmp_path)) == before
     inference.write_text(json.dumps({'model_name': 'damo/some_hub_model', 'results': results}))
     assert metrics_main([str(inference), '-o', str(tmp_path / 'none.json'), '--no-spice']) == 0
     m = json.loads((tmp_path / 'none.json').read_text())['metrics']

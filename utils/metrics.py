@@ -343,17 +343,15 @@ def load_styles(path: str) -> list[Optional[str]]:
             for i, row in enumerate(rows) if _row_references(row, f'{path}: results row {i + 1}') is not None]
 
 
-def style_metrics(path: str, predictions: list[str], references: list[list[str]],
-                  conf_path: Optional[str] = None) -> dict:
+def style_metrics(path: str, predictions: list[str], references: list[list[str]], conf=None) -> dict:
     """The style figures of a file's scored rows (see utils.style_classifier). The classifier: with
-    ``conf_path``, the one of that conf's train split (cached in its work_dir); otherwise the copy kept in
+    ``conf`` (a Conf), the one of that conf's train split (cached in its work_dir); otherwise the copy kept in
     ``style_classifier/`` of the model dir the file names ("model" or "model_name"), or of
     ``output/`` beside the file (a work_dir's default model)."""
     from utils.style_classifier import classifier_for_conf, find_carried_classifier, style_figures
 
-    if conf_path:
-        from utils.conf import read_conf
-        classifier, status = classifier_for_conf(read_conf(conf_path))
+    if conf is not None:
+        classifier, status = classifier_for_conf(conf)
     else:
         data = _read_json(path)
         named = [data.get(k) for k in ('model', 'model_name') if isinstance(data.get(k), str)]
@@ -387,6 +385,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read_conf(path: str):
+    """The --conf file as a Conf (its train split gives the style classifier), or InputError."""
+    from utils.conf import ConfError, read_conf
+    try:
+        return read_conf(path)
+    except ConfError as exc:
+        raise InputError(f'--conf {path}: {exc}') from None
+
+
 def _error(message: str) -> None:
     print(f'error: {" ".join(message.split())}', file=sys.stderr)
 
@@ -399,6 +406,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     path = args.inference_json
     try:
         predictions, references, skipped = load_inference(path)
+        conf = _read_conf(args.conf) if args.conf else None
     except InputError as exc:
         _error(str(exc))
         return 2
@@ -409,11 +417,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (RuntimeError, ValueError, OSError) as exc:
         _error(f'{path}: scoring failed: {_first_line(exc)}')
         return 1
-    try:
-        metrics.update(style_metrics(path, predictions, references, args.conf))
-    except ValueError as exc:  # ConfError: a bad --conf (its messages name the file or key)
-        _error(str(exc))
-        return 2
+    metrics.update(style_metrics(path, predictions, references, conf))
     out = args.output or default_output_path(path)
     payload = {'input': path, 'metrics': metrics, 'n_scored': len(predictions), 'n_skipped': skipped}
     try:
