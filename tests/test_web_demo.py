@@ -237,3 +237,21 @@ def test_only_the_uploads_and_samples_are_served(browser, app, trained, conf):
 def test_binds_to_loopback_only(app):
     with socket.socket() as s:  # 127.0.0.2 is this machine too, but not the address the app listens on
         assert s.connect_ex(('127.0.0.2', app['port'])) != 0
+
+
+def test_the_model_is_loaded_once(app):
+    assert app['log'].read_text().count('initialize model from') == 1  # ModelScope's line, for every load
+
+
+def test_set_generation_equals_a_captioner_built_with_those_settings(captioner, random_output, conf):
+    """What the page's controls do (no browser needed)."""
+    from utils.captioner import Captioner
+    items = [{'style': s, 'image': str(Path(conf['img_addr'], 'test0002.jpg'))} for s in STYLES]
+    generation = dict(captioner.generation)
+    captioner.set_generation(beam_size=2, max_len=5, no_repeat_ngram_size=0)
+    try:
+        changed = captioner.caption(items, progress=False)
+    finally:
+        captioner.set_generation(**generation)
+    assert changed == Captioner(random_output, beam_size=2, max_len=5, no_repeat_ngram_size=0).caption(items, progress=False)
+    assert changed != captioner.caption(items, progress=False)
