@@ -44,7 +44,7 @@ def stock_trainer(conf, rows):
     from modelscope.trainers.multi_modal.ofa.ofa_trainer import OFATrainer
 
     from utils.training import trainer as assembly
-    from utils.runtime import no_hub_check_for_local_model
+    from utils.patches.hub_check import no_hub_check_for_local_model
 
     class Rows(torch.utils.data.Dataset):
         def __len__(self):

@@ -9,7 +9,7 @@
     captioner([{'image': 'a.jpg', 'style': 'Happy'}, ...], batch_size=8)   # [{'caption': '...'}, ...]
 
 A trained model dir's ``configuration.json`` names this pipeline (``pipeline.type``) and the toolkit's
-preprocessor; ``utils/atomic_checkpoint.py`` writes both at every checkpoint, after ModelScope's
+preprocessor; ``utils/patches/checkpoints.py`` writes both at every checkpoint, after ModelScope's
 CheckpointHook has reset ``pipeline.type`` to the task.
 
 Captioning is the toolkit's ``Captioner``: the same batched generation (key/value cache, vectorised n-gram

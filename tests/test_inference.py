@@ -130,7 +130,7 @@ def test_eval_of_a_checkpoint(trained):
 
 
 def test_fast_generation_gives_the_stock_generators_captions_and_scores(trained, test_rows):
-    """utils.fast_generation (key/value cache, vectorised n-gram blocker) against ModelScope's stock
+    """utils.patches.generation (key/value cache, vectorised n-gram blocker) against ModelScope's stock
     SequenceGenerator on the same trained model: same beams, same scores (to float rounding)."""
     import torch
 
@@ -161,7 +161,7 @@ def test_vectorised_ngram_blocker_bans_what_the_stock_one_bans(n):
     import torch
     from modelscope.models.multi_modal.ofa.generate.ngram_repeat_block import NGramRepeatBlock
 
-    from utils.fast_generation import VectorisedNGramRepeatBlock
+    from utils.patches.generation import VectorisedNGramRepeatBlock
     gen = torch.Generator().manual_seed(n)
     bsz, beam, length, vocab, pad = 3, 4, 14, 12, 1
     stock, ours = NGramRepeatBlock(n, use_extension=False), VectorisedNGramRepeatBlock(n)

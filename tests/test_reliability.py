@@ -98,7 +98,7 @@ def test_output_dir_never_exists_without_weights(make_conf, tmp_path):
     path = make_conf(max_epochs=1, checkpoint={'by_epoch': False, 'interval': 2, 'max_checkpoint_num': 1})
     work = Path(json.loads(Path(path).read_text())['work_dir'])
     die_before_weights = (
-        'import os, sys; sys.argv = ["finetune.py"] + sys.argv[1:]; import utils.atomic_checkpoint as a\n'
+        'import os, sys; sys.argv = ["finetune.py"] + sys.argv[1:]; import utils.patches.checkpoints as a\n'
         'def link(self, *args): os._exit(137)\n'
         'a.AtomicCheckpointProcessor.link = link\n'
         'import finetune; sys.exit(finetune.main())\n')
@@ -146,7 +146,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_no_file_under_its_name(tmp_pa
     import torch
     from modelscope.utils.checkpoint import save_checkpoint
 
-    from utils.atomic_checkpoint import AtomicCheckpointProcessor
+    from utils.patches.checkpoints import AtomicCheckpointProcessor
     ms_checkpoint = sys.modules[save_checkpoint.__module__]
 
     def dying_write(data, filename):

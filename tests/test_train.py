@@ -95,7 +95,7 @@ def test_mixed_precision_training(make_conf, monkeypatch, precision, dtype):
     """precision bf16/fp16: the forward the OFA criterion runs is under autocast (the logits come out in
     that dtype), fp16 steps go through a gradient scaler, the loss stays finite and the weights saved
     in output/ are fp32."""
-    from utils.train_hooks import TrainStepProcessor
+    from utils.patches.train_step import TrainStepProcessor
     seen, scalers = set(), []
     build = assembly.build_trainer
 

@@ -71,7 +71,7 @@ class Captioner:
             tokenizer=self.model.tokenizer, beam_size=beam_size, max_len_b=max_len, min_len=1,
             no_repeat_ngram_size=no_repeat_ngram_size)
         if self.fast:  # the generator's key/value cache and a vectorised n-gram blocker: same captions, faster
-            from utils.fast_generation import speed_up
+            from utils.patches.generation import speed_up
             speed_up(self.model, self.model.generator)
         self.generation = {'beam_size': beam_size, 'max_len': max_len, 'no_repeat_ngram_size': no_repeat_ngram_size}
 

@@ -1,5 +1,5 @@
 """Finding checkpoints (the newest readable one for ``-p latest``) and one training run per work_dir.
-Writing them so that a kill never leaves a half-written one: utils/atomic_checkpoint.py."""
+Writing them so that a kill never leaves a half-written one: utils/patches/checkpoints.py."""
 from __future__ import annotations
 
 import fcntl
@@ -34,7 +34,8 @@ def readable(prefix: str) -> Optional[str]:
     not the weights and optimizer state themselves (several GB for OFA-large with AdamW state)."""
     import torch
 
-    from utils.runtime import first_line, trainer_state_loading
+    from utils.patches.checkpoints import trainer_state_loading
+    from utils.runtime import first_line
     try:
         torch.load(prefix + '.pth', map_location='cpu', weights_only=True, mmap=True)
         with trainer_state_loading():

@@ -5,20 +5,20 @@
 Each rank trains on its own shard of the train split (torch's DistributedSampler, built by ModelScope's
 trainer once the data-parallel group exists) and rank 0 alone writes checkpoints, ``output/`` and logs.
 
-Two things the stock path gets wrong, mended in :mod:`utils.train_hooks`:
+Two things the stock path gets wrong, mended in :mod:`utils.patches.train_step`:
 
 * ``OFATrainer.train_step`` runs the criterion on ``model.module``, around DDP's forward, so DDP never
   arms its gradient all-reduce: every rank silently trains its own model on its shard, and rank 0 saves
-  only its own. :class:`~utils.train_hooks.TrainStepProcessor` averages the gradients over the ranks before each optimizer
+  only its own. :class:`~utils.patches.train_step.TrainStepProcessor` averages the gradients over the ranks before each optimizer
   step, which is what DDP would have done.
 * ModelScope never calls ``DistributedSampler.set_epoch``: every epoch would visit the shard in the same
-  order. :class:`~utils.train_hooks.TorchrunHook` calls it at the start of each epoch.
+  order. :class:`~utils.patches.train_step.TorchrunHook` calls it at the start of each epoch.
 """
 from __future__ import annotations
 
 import os
 
-HOOK_TYPE = 'StylishTorchrunHook'  # registered by utils.train_hooks
+HOOK_TYPE = 'StylishTorchrunHook'  # registered by utils.patches.train_step
 
 
 def launched() -> bool:

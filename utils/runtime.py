@@ -127,35 +127,6 @@ def run_reporting_errors(fn: Callable, debug: bool = False):
         return EXIT_FAILURE
 
 
-@contextlib.contextmanager
-def no_hub_check_for_local_model(model_is_local: bool):
-    """ModelScope's trainer asks the hub whether a *local* model dir is the latest version (an advisory
-    log line, with retries: ~20 s with no network). For a local model dir we skip that question."""
-    if not model_is_local:
-        yield
-        return
-    import modelscope.trainers.trainer as trainer_module
-    original = trainer_module.check_local_model_is_latest
-    trainer_module.check_local_model_is_latest = lambda *a, **k: None
-    try:
-        yield
-    finally:
-        trainer_module.check_local_model_is_latest = original
-
-
-@contextlib.contextmanager
-def trainer_state_loading():
-    """Let ``torch.load(weights_only=True)`` read ModelScope trainer-state files, which hold numpy RNG
-    state. Allow-lists the numpy types needed instead of turning weights_only off."""
-    import numpy as np
-    import torch
-    from numpy._core.multiarray import _reconstruct
-
-    allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-    with torch.serialization.safe_globals(allowed):
-        yield
-
-
 def pick_device(requested: Optional[str] = None) -> str:
     import torch
     return requested or ('cuda' if torch.cuda.is_available() else 'cpu')

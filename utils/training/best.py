@@ -93,7 +93,7 @@ class BestModel:
         """Keep the trainer's current model if ``value`` beats the best so far; True if it did."""
         if self.value is not None and not value > self.value:
             return False
-        from utils.atomic_checkpoint import save_model_dir
+        from utils.patches.checkpoints import save_model_dir
         tmp = self.dir + '.tmp'
         shutil.rmtree(tmp, ignore_errors=True)
         save_model_dir(trainer, tmp)

@@ -68,7 +68,7 @@ class ScstCriterion(torch.nn.Module):
         from modelscope.models.multi_modal.ofa.generate import search
         from modelscope.models.multi_modal.ofa.generate import sequence_generator as sg
 
-        from utils.fast_generation import VectorisedNGramRepeatBlock
+        from utils.patches.generation import VectorisedNGramRepeatBlock
 
         self.tokenizer, self.references, self.cider = tokenizer, references, cider
         self.n = conf.scst.candidates

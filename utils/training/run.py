@@ -15,7 +15,8 @@ logger = logging.getLogger('finetune')  # the name users see on finetune.py trai
 def train(conf: Conf, checkpoint: Optional[str], stamp: str, rows: List[dict], stats, style_map,
           val_rows: Optional[List[dict]] = None) -> dict:
     """Train the conf's stage on rows; with val_rows, validate and keep work_dir/output_best as it goes."""
-    from utils.runtime import trainer_state_loading, unique_path, write_json_atomic
+    from utils.patches.checkpoints import trainer_state_loading
+    from utils.runtime import unique_path, write_json_atomic
     from utils.training.validation import ValidationHook
 
     model_dir = assembly.model_dir_of(conf)

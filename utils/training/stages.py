@@ -40,7 +40,7 @@ class Scst(Stage):
         return StylishCaptionDataset(rows, preprocessor, with_ids=True)
 
     def install(self, trainer, conf, rows):
-        from utils.fast_generation import enable_kv_cache
+        from utils.patches.generation import enable_kv_cache
         from utils.training.cider import CiderD
         from utils.training.criteria import ScstCriterion
 

@@ -78,8 +78,8 @@ def build_trainer(conf: Conf, rows: List[dict], style_map, model_dir: str):
     from modelscope.trainers.multi_modal.ofa.ofa_trainer import OFATrainer
 
     from preprocessors import OfaPreprocessorForStylishIC
-    from utils.atomic_checkpoint import use_atomic_checkpoints
-    from utils.runtime import no_hub_check_for_local_model
+    from utils.patches.checkpoints import use_atomic_checkpoints
+    from utils.patches.hub_check import no_hub_check_for_local_model
     from utils.training.stages import STAGES
 
     preprocessor = {
@@ -100,7 +100,7 @@ def build_trainer(conf: Conf, rows: List[dict], style_map, model_dir: str):
         train.use_image_cache(cache)
     stage = STAGES[conf.stage]
     dataset = stage.dataset(rows, preprocessor['train'])
-    from utils.train_hooks import TrainStepHook  # also registers distributed.HOOK_TYPE
+    from utils.patches.train_step import TrainStepHook  # also registers distributed.HOOK_TYPE
     with no_hub_check_for_local_model(conf.model_is_local):
         trainer = OFATrainer(model=conf.model_name, model_revision=conf.model_revision,
                              cfg_modify_fn=make_cfg_modify_fn(conf), train_dataset=dataset,

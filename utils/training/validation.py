@@ -55,7 +55,7 @@ class LiveCaptioner:
     """The toolkit's batched generator around the model a trainer is training (its ``OfaForAllTasks``).
 
     The first use installs a generator with the conf's beam settings (and the KV-cache repairs of
-    :mod:`utils.fast_generation`) on the live model; each call captions in eval mode and puts the model back
+    :mod:`utils.patches.generation`) on the live model; each call captions in eval mode and puts the model back
     in the mode it was in."""
 
     def __init__(self, conf, style_map):

@@ -1,6 +1,15 @@
-"""Checkpoints that survive a kill: every file is written under a temporary name, renamed when complete."""
+"""Checkpoints that survive a kill, and that load with ``torch.load(weights_only=True)``.
+
+* :class:`AtomicCheckpointProcessor` (ModelScope's ``CheckpointProcessor``): every file is written under a
+  temporary name and renamed when complete; a fresh ``output/`` is assembled in ``output.partial``; the
+  saved ``configuration.json`` names the toolkit's pipeline and preprocessor (ModelScope rewrites
+  ``pipeline.type`` to the task at every save).
+* :func:`trainer_state_loading`: ModelScope's trainer state holds numpy RNG state, which torch 2.11's
+  default ``weights_only=True`` refuses; the numpy types it needs are allow-listed.
+"""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
@@ -85,3 +94,16 @@ def save_model_dir(trainer, output_dir: str) -> None:
     model = trainer.unwrap_module(trainer.model)
     CheckpointProcessor.prepare_output(processor, trainer, output_dir)
     processor.save_model_state(model, os.path.join(output_dir, processor._bin_file(model)))
+
+
+@contextlib.contextmanager
+def trainer_state_loading():
+    """Let ``torch.load(weights_only=True)`` read ModelScope trainer-state files, which hold numpy RNG
+    state. Allow-lists the numpy types needed instead of turning weights_only off."""
+    import numpy as np
+    import torch
+    from numpy._core.multiarray import _reconstruct
+
+    allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    with torch.serialization.safe_globals(allowed):
+        yield
