@@ -118,15 +118,33 @@ def test_eval_writes_metrics_and_csv(trained, tmp_path, capsys):
     result = json.loads(newest(trained[1], 'eval_*.json').read_text())
     for key in ('Bleu_1', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr'):
         assert 0 <= result['metrics'][key] <= 10
-    assert len(result['predictions']) == 8 and len(result['predictions'][0]['references']) == 2
+    assert len(result['results']) == 8 and len(result['results'][0]['reference']) == 2
     rows = list(csv.DictReader(csv_path.open()))
     assert len(rows) == 2 and rows[0]['CIDEr'] == rows[1]['CIDEr'] and rows[0]['beam_size'] == '5'
+
+
+def test_eval_file_has_the_inference_schema_and_rescores_to_the_same_figures(trained, tmp_path):
+    """One result schema: eval_*.json is an inference file (plus metrics), and `python -m utils.metrics`
+    scores it through the same code, to the same figures."""
+    from utils import metrics
+    assert finetune.main(['eval', '--conf', trained[0], '-n', '6']) == 0
+    path = newest(trained[1], 'eval_*.json')
+    result = json.loads(path.read_text())
+    assert {'model_name', 'model_revision', 'n_eval_sample', 'results'} <= set(result)
+    assert result['n_eval_sample'] == len(result['results']) == 6
+    assert all(isinstance(r['reference'], list) and set(r) >= {'style', 'image', 'caption'} for r in result['results'])
+    out = tmp_path / 'rescored.json'
+    assert metrics.main([str(path), '-o', str(out)]) == 0
+    again = json.loads(out.read_text())['metrics']
+    for key, value in result['metrics'].items():
+        if key != 'SPICE' and key != 'style_status':
+            assert again[key] == pytest.approx(value), key
 
 
 def test_eval_of_a_checkpoint(trained):
     assert finetune.main(['eval', '--conf', trained[0], '-p', str(trained[1] / 'iter_3'), '-n', '4']) == 0
     result = json.loads(newest(trained[1], 'eval_*.json').read_text())
-    assert result['checkpoint'].endswith('iter_3') and len(result['predictions']) == 4
+    assert result['checkpoint'].endswith('iter_3') and len(result['results']) == 4
 
 
 def test_fast_generation_gives_the_stock_generators_captions_and_scores(trained, test_rows):

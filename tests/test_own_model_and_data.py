@@ -102,7 +102,7 @@ def test_model_dirs_users_bring_train_eval_caption_and_back_up(variant, tiny_mod
     saved = json.loads((work / 'output' / 'configuration.json').read_text())
     assert saved['task'] == 'image-captioning'
     assert finetune.main(['eval', '--conf', conf, '-n', '4']) == 0
-    assert len(json.loads(next(work.glob('eval_*.json')).read_text())['predictions']) == 4
+    assert len(json.loads(next(work.glob('eval_*.json')).read_text())['results']) == 4
     assert pre_inference.main(['--conf', conf, '-n', '3']) == 0
     assert len(json.loads(next(work.glob('inference_*.json')).read_text())['results']) == 3
     assert backup_model.main(['--conf', conf, '-o', str(tmp_path / 'backup')]) == 0

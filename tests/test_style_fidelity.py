@@ -153,10 +153,10 @@ def test_eval_reports_style_accuracy(evals, styled, capsys):
     assert all(0 <= m[k] <= 1 for k in FIGURES)
     assert m['style_chance_top1'] == 0.25
     assert m['reference_style_accuracy_top1'] == 1.0
-    assert m['style_accuracy_top1'] >= 0.6, [p['caption'] for p in normal['predictions']]
+    assert m['style_accuracy_top1'] >= 0.6, [p['caption'] for p in normal['results']]
     assert m['style_accuracy_top5'] == 1.0  # 4 styles: every style is in the top 5
     assert normal['style_blind'] is False
-    preds = normal['predictions']
+    preds = normal['results']
     assert sum(p['predicted_style'] == p['style'] for p in preds) / len(preds) == m['style_accuracy_top1']
     # the classifier travels with the model it judged, and is cached in work_dir
     assert (styled[1] / 'output' / 'style_classifier' / 'weights.npz').is_file()
@@ -167,18 +167,18 @@ def test_style_blind_ablation_drops_style_accuracy(evals):
     normal, blind = evals[0]['metrics'], evals[1]['metrics']
     assert evals[1]['style_blind'] is True
     # the rows still carry the style they asked for, and are judged against it
-    assert [p['style'] for p in evals[1]['predictions']] == [p['style'] for p in evals[0]['predictions']]
+    assert [p['style'] for p in evals[1]['results']] == [p['style'] for p in evals[0]['results']]
     assert blind['style_accuracy_top1'] <= normal['style_accuracy_top1'] - 0.3
     assert blind['reference_style_accuracy_top1'] == normal['reference_style_accuracy_top1']
     # one neutral input for every row: the captions' styles collapse onto (nearly) one
-    predicted = [p['predicted_style'] for p in evals[1]['predictions']]
+    predicted = [p['predicted_style'] for p in evals[1]['results']]
     assert max(predicted.count(s) for s in set(predicted)) >= len(predicted) - 2
 
 
 def test_metrics_cli_style_accuracy_with_conf_or_the_models_copy(evals, styled, tmp_path, capsys):
     normal = evals[0]
-    results = [{'style': p['style'], 'image': p['image'], 'caption': p['caption'], 'reference': p['references']}
-               for p in normal['predictions']]
+    results = [{'style': p['style'], 'image': p['image'], 'caption': p['caption'], 'reference': p['reference']}
+               for p in normal['results']]
     inference = tmp_path / 'inference.json'
     inference.write_text(json.dumps({'model_name': str(styled[1] / 'output'), 'results': results}))
     for extra in (['--conf', styled[0]], []):  # the conf's train split, or the copy in the named model dir
@@ -200,11 +200,11 @@ def test_metrics_cli_style_accuracy_with_conf_or_the_models_copy(evals, styled, 
 def test_report_is_self_contained_and_escaped(evals, styled):
     page = Path(str(evals[2])[:-len('.json')] + '.html').read_text()
     assert 'src="http' not in page and 'href="http' not in page
-    assert page.count('src="data:image/jpeg;base64,') == len(evals[0]['predictions'])
+    assert page.count('src="data:image/jpeg;base64,') == len(evals[0]['results'])
     assert 'src="data:image/png;base64,' in page  # the training curves
     assert 'style-blind ablation' not in page
     assert 'style-blind ablation' in Path(str(evals[3])[:-len('.json')] + '.html').read_text()
-    evil = dict(evals[0], predictions=[dict(evals[0]['predictions'][0], caption='<script>alert(1)</script>',
+    evil = dict(evals[0], results=[dict(evals[0]['results'][0], caption='<script>alert(1)</script>',
                                             style='A&B "quoted"')])
     html = render(evil, str(styled[1]))
     assert '<script>alert(1)</script>' not in html and '&lt;script&gt;alert(1)&lt;/script&gt;' in html
@@ -228,7 +228,7 @@ def test_report_images_render_in_headless_chromium(evals, tmp_path):
     m = re.search(r'data-widths="([^"]*)"', out.stdout)
     assert m, out.stderr[-2000:]
     widths = [int(w) for w in m.group(1).split(',')]
-    assert len(widths) == len(evals[0]['predictions']) + page.count('src="data:image/png;')  # thumbnails + curves
+    assert len(widths) == len(evals[0]['results']) + page.count('src="data:image/png;')  # thumbnails + curves
     assert all(w > 0 for w in widths), widths
     shot = tmp_path / 'shot.png'
     subprocess.run([_chromium(), '--headless=new', '--no-sandbox', '--disable-gpu', f'--screenshot={shot}',

@@ -21,31 +21,31 @@ def evaluate(conf, checkpoint: Optional[str], stamp: str, rows: List[dict], stat
     row captioned with the same neutral style input (:func:`withhold_style`); the style accuracy is still
     measured against each row's requested style."""
     from utils.captioner import load_captioner
-    from utils.metrics import format_table, score
+    from utils.metrics import format_table, score_file
     from utils.report import write_report
-    from utils.style_classifier import classifier_for_conf, style_figures
 
     captioner = load_captioner(conf, model, checkpoint=checkpoint + '.pth' if checkpoint else None)
     neutral = withhold_style(captioner) if style_blind else None
     items = [{'style': neutral or r['style'], 'image': r['image']} for r in rows]
     captions = captioner.caption(items, batch_size=conf.batch_size, num_workers=conf.num_workers)
-    metrics = score(captions, [r['references'] for r in rows])
-    classifier, status = classifier_for_conf(conf, captioner.model_dir)
-    figures, predicted = style_figures(classifier, [r['style'] for r in rows], captions,
-                                       [r['references'] for r in rows], status)
-    metrics.update(figures)
 
     model = captioner.model_dir
+    # the inference file's schema (pre_inference.py), references always a list, plus what eval knows
     result = {
+        'model_name': conf.model_name, 'model_revision': conf.model_revision, 'n_eval_sample': len(rows),
+        'results': [{'style': r['style'], 'image': r['image'], 'caption': c, 'reference': r['references']}
+                    for r, c in zip(rows, captions)],
         'mode': 'eval', 'time': stamp, 'model': model, 'checkpoint': checkpoint,
         'settings': {k: getattr(conf, k) for k in CSV_SETTINGS},
         'style_blind': style_blind,
         'data': {'test': stats.to_dict()},
-        'metrics': metrics,
-        'predictions': [{'style': r['style'], 'image': r['image'], 'caption': c, 'references': r['references'],
-                         'predicted_style': p} for r, c, p in zip(rows, captions, predicted)],
     }
     path = unique_path(conf.work_dir, 'eval', stamp)
+    write_json_atomic(path, result)  # the predictions first: a scoring failure loses no captions
+    scored = score_file(path, conf, model_dir=model)  # what `python -m utils.metrics` does with any result file
+    metrics = result['metrics'] = scored['metrics']
+    for row, predicted in zip(result['results'], scored['predicted_styles']):
+        row['predicted_style'] = predicted
     write_json_atomic(path, result)
     print(format_table(metrics))
     logger.info('eval results: %s', path)

@@ -343,15 +343,17 @@ def load_styles(path: str) -> list[Optional[str]]:
             for i, row in enumerate(rows) if _row_references(row, f'{path}: results row {i + 1}') is not None]
 
 
-def style_metrics(path: str, predictions: list[str], references: list[list[str]], conf=None) -> dict:
-    """The style figures of a file's scored rows (see utils.style_classifier). The classifier: with
-    ``conf`` (a Conf), the one of that conf's train split (cached in its work_dir); otherwise the copy kept in
-    ``style_classifier/`` of the model dir the file names ("model" or "model_name"), or of
-    ``output/`` beside the file (a work_dir's default model)."""
+def style_metrics(path: str, predictions: list[str], references: list[list[str]], conf=None,
+                  model_dir: Optional[str] = None) -> tuple[dict, list[Optional[str]]]:
+    """The style figures of a file's scored rows (see utils.style_classifier) and the predicted style of each
+    scored row. The classifier: with ``conf`` (a Conf), the one of that conf's train split (cached in its
+    work_dir, and kept in ``model_dir`` when given); otherwise the copy kept in ``style_classifier/`` of the
+    model dir the file names ("model" or "model_name"), or of ``output/`` beside the file (a work_dir's
+    default model)."""
     from utils.style_classifier import classifier_for_conf, find_carried_classifier, style_figures
 
     if conf is not None:
-        classifier, status = classifier_for_conf(conf)
+        classifier, status = classifier_for_conf(conf, model_dir)
     else:
         data = _read_json(path)
         named = [data.get(k) for k in ('model', 'model_name') if isinstance(data.get(k), str)]
@@ -362,9 +364,29 @@ def style_metrics(path: str, predictions: list[str], references: list[list[str]]
     if classifier is not None and len(keep) < len(styles):
         logger.warning('%s: %d scored rows have no "style"; style accuracy covers the other %d',
                        path, len(styles) - len(keep), len(keep))
-    figures, _ = style_figures(classifier, [styles[i] for i in keep], [predictions[i] for i in keep],
-                               [references[i] for i in keep], status)
-    return figures
+    figures, predicted = style_figures(classifier, [styles[i] for i in keep], [predictions[i] for i in keep],
+                                       [references[i] for i in keep], status)
+    per_row: list[Optional[str]] = [None] * len(styles)
+    for i, p in zip(keep, predicted):
+        per_row[i] = p
+    return figures, per_row
+
+
+def score_file(path: str, conf=None, spice: Optional[bool] = None, model_dir: Optional[str] = None) -> dict:
+    """Score a result file (``inference_*.json`` or ``eval_*.json``: the same schema) the one way the toolkit
+    scores: pycocoevalcap's metrics of every row with a reference, and the style figures. Returns
+    ``{"metrics", "n_scored", "n_skipped", "predicted_styles"}`` (the last: one per results row, None for a
+    row that was not scored). Raises InputError for a malformed file."""
+    predictions, references, skipped = load_inference(path)
+    if skipped:
+        logger.warning('%s: skipped %d of %d rows that have no reference', path, skipped, skipped + len(predictions))
+    metrics = score(predictions, references, spice=spice)
+    figures, predicted = style_metrics(path, predictions, references, conf, model_dir)
+    metrics.update(figures)
+    rows = _read_json(path)['results']
+    scored = iter(predicted)
+    per_row = [next(scored) if _row_references(row, path) is not None else None for row in rows]
+    return {'metrics': metrics, 'n_scored': len(predictions), 'n_skipped': skipped, 'predicted_styles': per_row}
 
 
 def default_output_path(input_path: str) -> str:
@@ -377,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='python -m utils.metrics',
         description='Score an inference JSON file with pycocoevalcap (BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE).')
-    parser.add_argument('inference_json', help='inference file with a "results" list of {caption, reference, ...}')
+    parser.add_argument('inference_json', help='a result file (inference_*.json or eval_*.json): a "results" list of {caption, reference, ...}')
     parser.add_argument('-o', '--output', help='metrics JSON to write (default: <input stem>_metrics.json beside the input)')
     parser.add_argument('--no-spice', action='store_true', help='skip SPICE even if its jars are installed')
     parser.add_argument('--conf', help='style accuracy with the style classifier of this conf\'s train split '
@@ -405,21 +427,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
     path = args.inference_json
     try:
-        predictions, references, skipped = load_inference(path)
+        load_inference(path)  # a malformed file is bad input (exit 2), found before any scoring
         conf = _read_conf(args.conf) if args.conf else None
     except InputError as exc:
         _error(str(exc))
         return 2
-    if skipped:
-        logger.warning('%s: skipped %d of %d rows that have no reference', path, skipped, skipped + len(predictions))
     try:
-        metrics = score(predictions, references, spice=False if args.no_spice else None)
+        scored = score_file(path, conf, spice=False if args.no_spice else None)
     except (RuntimeError, ValueError, OSError) as exc:
         _error(f'{path}: scoring failed: {_first_line(exc)}')
         return 1
-    metrics.update(style_metrics(path, predictions, references, conf))
+    metrics = scored['metrics']
     out = args.output or default_output_path(path)
-    payload = {'input': path, 'metrics': metrics, 'n_scored': len(predictions), 'n_skipped': skipped}
+    payload = {'input': path, 'metrics': metrics, 'n_scored': scored['n_scored'], 'n_skipped': scored['n_skipped']}
     try:
         write_json_atomic(out, payload)
     except OSError as exc:
@@ -427,7 +447,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     print(format_table(metrics))
     logger.info('scored %d rows (%d skipped without a reference); metrics written to %s',
-                len(predictions), skipped, out)
+                scored['n_scored'], scored['n_skipped'], out)
     return 0
 
 

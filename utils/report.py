@@ -118,7 +118,8 @@ def _rows_section(predictions: List[dict]) -> str:
         uri = thumbnail(p.get('image', ''))
         img = f'<img alt="{_e(os.path.basename(p.get("image", "")))}" src="{uri}">' if uri else \
             f'<span class="meta">{_e(p.get("image"))} (unreadable)</span>'
-        refs = ''.join(f'<li>{_e(r)}</li>' for r in p.get('references') or [])
+        refs = p.get('reference') or []
+        refs = ''.join(f'<li>{_e(r)}</li>' for r in ([refs] if isinstance(refs, str) else refs))
         predicted = p.get('predicted_style')
         mark = '' if predicted is None else (' class="hit"' if predicted == p.get('style') else ' class="miss"')
         out.append(f'<tr><td>{img}</td><td>{_e(p.get("style"))}</td><td>{_e(p.get("caption"))}</td>'
@@ -130,7 +131,7 @@ def _rows_section(predictions: List[dict]) -> str:
 def render(result: dict, work_dir: str) -> str:
     """The page for one eval result (the dict written to eval_{time}.json)."""
     metrics = result.get('metrics', {})
-    predictions = result.get('predictions', [])
+    predictions = result.get('results', [])
     settings = ', '.join(f'{k}={v}' for k, v in (result.get('settings') or {}).items())
     blind = ('<p class="blind">style-blind ablation: every row was captioned with the same neutral style input; '
              'the requested style below is what the row asked for</p>') if result.get('style_blind') else ''
