@@ -15,10 +15,9 @@ from typing import List, Optional
 
 from utils.checkpointing import WorkDirLock, resolve_checkpoint
 from utils import distributed
-from utils.conf import Conf, ConfError, add_conf_flags, conf_overrides, load_conf
+from utils.conf import OUTPUT_DIR, Conf, ConfError, add_conf_flags, conf_overrides, load_conf
 
 logger = logging.getLogger('finetune')
-OUTPUT_DIR = 'output'  # utils.training.trainer.OUTPUT_DIR
 
 
 # ---------------------------------------------------------------- command line

@@ -17,6 +17,7 @@ from typing import List, Optional
 
 from utils.conf import ConfError, add_conf_flags, conf_overrides, load_conf
 from utils.data import DataError, SplitStats, check_image, image_path, load_split
+from utils.runtime import read_json
 from utils.styles import UnknownStyleError
 
 logger = logging.getLogger('pre_inference')
@@ -57,13 +58,7 @@ def json_items(path: str, conf):
     """Items of a -j file, in order, and what was skipped. A file that is not a non-empty JSON list is an
     error; a bad row (not an object, no style, no image, an unusable image, a bad reference) is skipped and
     counted, as in a data set, unless conf.strict (--strict), where it is an error naming the row."""
-    try:
-        with open(path, encoding='utf-8') as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f'-j file {path} does not exist') from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f'-j file {path} is not valid JSON: {e}') from None
+    data = read_json(path, '-j file', DataError)
     if not isinstance(data, list) or not data:
         raise DataError(f'-j file {path} must hold a non-empty JSON list of {{"style", "image"}} objects')
     items, skipped = [], []

@@ -20,7 +20,8 @@ import threading
 import warnings
 from typing import List, Optional
 
-from utils.conf import ConfError, add_conf_flags, conf_overrides, load_conf
+from utils.conf import OUTPUT_DIR, ConfError, add_conf_flags, conf_overrides, load_conf
+from utils.runtime import first_line
 
 logger = logging.getLogger('web_demo')
 ALL_STYLES = 'All styles'
@@ -109,7 +110,7 @@ class Demo:
                                                   batch_size=self.batch_size, progress=False)
         except Exception as e:  # noqa: BLE001 - the page gets one sentence, the log the traceback
             logger.exception('captioning %s failed', image)
-            return '', f'**Captioning failed:** {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+            return '', f'**Captioning failed:** {type(e).__name__}: {first_line(e)}'
         if len(styles) == 1:
             return captions[0], ''
         return '\n'.join(f'{s}: {c}' for s, c in zip(styles, captions)), ''
@@ -181,7 +182,7 @@ def run(args) -> int:
         os.makedirs(os.path.join(private, 'samples'))
         demo = Demo(captioner, sample_images(conf, os.path.join(private, 'samples')),
                     max_bytes=int(args.max_upload_mb * 1e6), batch_size=conf.batch_size)
-        app = build_app(demo, args.model or os.path.join(conf.work_dir, 'output'))
+        app = build_app(demo, args.model or os.path.join(conf.work_dir, OUTPUT_DIR))
         logger.info('web demo on http://%s:%d (Ctrl-C stops it)', args.host, args.port)
         app.queue(default_concurrency_limit=1).launch(
             server_name=args.host, server_port=args.port, max_file_size=int(args.max_upload_mb * 1e6),

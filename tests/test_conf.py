@@ -101,7 +101,7 @@ def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(make_conf, capsy
 
 def test_missing_conf_file(capsys, tmp_path):
     assert finetune.main(['train', '--conf', str(tmp_path / 'none.json')]) == 2
-    assert 'conf file not found' in capsys.readouterr().err
+    assert 'does not exist' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('name', ['demo.json', 'distilled_tokenized.json', 'base_tokenized.json'])

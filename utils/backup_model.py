@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple, Union
 
 from utils import __version__, runtime
-from utils.conf import Conf, ConfError, add_conf_flags, conf_overrides, is_local_model, load_conf
+from utils.conf import OUTPUT_DIR, Conf, ConfError, add_conf_flags, conf_overrides, is_local_model, load_conf
 from utils.styles import STYLE_MAP_FILE
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,6 @@ CONF_FILE = 'conf.json'
 MANIFEST = 'manifest.json'
 FORMAT = 'ofa-stylish-ic-backup'
 FORMAT_VERSION = 1
-OUTPUT_DIR = 'output'                                    # finetune.OUTPUT_DIR
 WEIGHTS_FILES = ('pytorch_model.bin', 'pytorch_model.pt')  # what ModelScope loads from a model dir
 PATH_KEYS = ('img_addr', 'dataset_path', 'work_dir')     # nulled by -e
 MAX_MANIFEST_BYTES = 64 << 20
@@ -66,7 +65,7 @@ MAX_SCRUB_BYTES = 16 << 20
 CHUNK = 1 << 20
 
 
-class BackupError(Exception):
+class BackupError(runtime.BadInput):
     """A problem worded for the user (one line): names the file, key or archive entry at fault."""
 
 
@@ -156,7 +155,7 @@ def checkpoint_weights(prefix: str, model_weights: str, scratch: str) -> str:
     try:
         state = _load_state_dict(ckpt)
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
-        raise BackupError(f'checkpoint {ckpt} could not be read: {str(e).splitlines()[0] if str(e) else e!r}') from None
+        raise BackupError(f'checkpoint {ckpt} could not be read: {runtime.first_line(e) or repr(e)}') from None
     wrapped = isinstance(state, dict) and isinstance(state.get('state_dict'), dict)
     weights = state['state_dict'] if wrapped else state
     if not isinstance(weights, dict) or not weights or not all(hasattr(v, 'shape') for v in weights.values()):
@@ -164,7 +163,7 @@ def checkpoint_weights(prefix: str, model_weights: str, scratch: str) -> str:
     try:
         reference = _load_state_dict(model_weights)
     except Exception as e:  # noqa: BLE001
-        raise BackupError(f'{model_weights} could not be read: {str(e).splitlines()[0] if str(e) else e!r}') from None
+        raise BackupError(f'{model_weights} could not be read: {runtime.first_line(e) or repr(e)}') from None
     if isinstance(reference, dict) and isinstance(reference.get('state_dict'), dict):
         reference = reference['state_dict']
     missing = sorted(set(reference) - set(weights))

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from utils.runtime import autocast, pick_device
+from utils.runtime import autocast, first_line, pick_device
 from utils.styles import UnknownStyleError
 
 logger = logging.getLogger(__name__)
@@ -103,9 +103,9 @@ def _collate(samples, pad_idx, eos_idx):
 
 def trained_model_dir(conf, model: Optional[str] = None) -> str:
     """The model to caption with: ``model`` (a dir or hub id) or the trained ``{work_dir}/output``."""
-    from utils.conf import ConfError, is_local_model
+    from utils.conf import OUTPUT_DIR, ConfError, is_local_model
     if model is None:
-        model = os.path.join(conf.work_dir, 'output')
+        model = os.path.join(conf.work_dir, OUTPUT_DIR)
         if not os.path.isdir(model):
             raise ConfError(f'no trained model at {model}: train first, or name a model dir with -m')
     elif is_local_model(model) and not os.path.isdir(model):
@@ -134,7 +134,7 @@ def load_captioner(conf, model: Optional[str] = None, checkpoint: Optional[str] 
         try:
             load_checkpoint(checkpoint, captioner.model)
         except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
-            raise ConfError(f'checkpoint {checkpoint} could not be loaded: {str(e).splitlines()[0]}') from None
+            raise ConfError(f'checkpoint {checkpoint} could not be loaded: {first_line(e)}') from None
         captioner.model.to(captioner.device).eval()
         logger.info('weights from checkpoint %s', checkpoint)
     return captioner

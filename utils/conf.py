@@ -13,15 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
+from utils.runtime import BadInput, read_json
+
 DEFAULT_PROMPT = ' what does the image describe? write a {} reply.'
 PRECISIONS = ('fp32', 'bf16', 'fp16')
 STAGES = ('ce', 'scst')
 SCST_SEARCHES = ('beam', 'sample')
 VAL_METRICS = ('Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr', 'SPICE')
+OUTPUT_DIR = 'output'            # work_dir/output: the trained model (newest checkpoint's weights)
+BEST_DIR = 'output_best'        # work_dir/output_best: the best validated model
 HUB_ID = re.compile(r'^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$')
 
 
-class ConfError(ValueError):
+class ConfError(BadInput, ValueError):
     """A conf problem, worded for the user: names the key (or file) at fault."""
 
 
@@ -176,14 +180,7 @@ def conf_from_dict(data: Any) -> Conf:
 
 def read_conf(path: Union[str, Path]) -> Conf:
     """Read and type-check a conf file (no file-system checks: see validate)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfError(f'conf file not found: {path}')
-    try:
-        data = json.loads(path.read_text(encoding='utf-8'))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfError(f'conf file {path} is not valid JSON: {e}') from None
-    return conf_from_dict(data)
+    return conf_from_dict(read_json(path, 'conf file', ConfError))
 
 
 def apply_overrides(conf: Conf, **overrides) -> Conf:

@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.conf import Columns
-from utils.runtime import first_line
+from utils.runtime import BadInput, first_line, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ PROGRESS_ROWS = 50_000  # reading shows a progress bar from this many rows on
 MAX_PIXELS = 50_000_000  # larger images (decompression bombs, panoramas) are skipped
 
 
-class DataError(ValueError):
+class DataError(BadInput, ValueError):
     """A data problem, worded for the user: names the file (and row)."""
 
 
@@ -147,12 +147,7 @@ SUFFIXES = ('.json',) + tuple(TABULAR)
 
 
 def _json_records(path: Path, split: str, limit: Optional[int]) -> Tuple[int, Iterator[Tuple[int, object]]]:
-    try:
-        data = json.loads(path.read_text(encoding='utf-8'))
-    except FileNotFoundError:
-        raise DataError(f'{split} file {path} does not exist') from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f'{split} file {path} is not valid JSON: {e}') from None
+    data = read_json(path, f'{split} file', DataError)
     if not isinstance(data, list):
         raise DataError(f'{split} file {path} must hold a JSON list of rows, got {type(data).__name__}')
     return len(data[:limit]), enumerate(data[:limit])

@@ -41,7 +41,7 @@ from pycocoevalcap.spice import get_stanford_models as _stanford_models
 from pycocoevalcap.spice.spice import Spice
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from utils.runtime import write_json_atomic
+from utils.runtime import BadInput, first_line, read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +83,8 @@ def spice_unavailable_reason() -> Optional[str]:
 
 
 def _first_line(exc: BaseException) -> str:
-    """Exception type plus the first non-empty line of its message."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f'{type(exc).__name__}: {lines[0]}' if lines else type(exc).__name__
+    """Exception type plus the first line of its message."""
+    return f'{type(exc).__name__}: {first_line(exc)}' if first_line(exc) else type(exc).__name__
 
 
 def _spice_score(gts: dict, res: dict, spice: Optional[bool]) -> tuple[Optional[float], str]:
@@ -270,21 +269,14 @@ def _style_lines(metrics: dict) -> list[str]:
 
 # ---------------------------------------------------------------- command line
 
-class InputError(Exception):
+class InputError(BadInput):
     """A problem with the inference file, reported as one `error:` line."""
 
 
 def _read_json(path: str):
     """Parsed JSON of path, or InputError naming the file."""
     try:
-        with open(path, encoding='utf-8') as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise InputError(f'{path}: no such file') from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f'{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})') from None
-    except UnicodeDecodeError:
-        raise InputError(f'{path}: not valid UTF-8 text') from None
+        return read_json(path, 'result file', InputError)
     except OSError as exc:
         raise InputError(f'{path}: cannot read ({exc.strerror or exc})') from None
 
@@ -350,6 +342,7 @@ def style_metrics(path: str, predictions: list[str], references: list[list[str]]
     work_dir, and kept in ``model_dir`` when given); otherwise the copy kept in ``style_classifier/`` of the
     model dir the file names ("model" or "model_name"), or of ``output/`` beside the file (a work_dir's
     default model)."""
+    from utils.conf import OUTPUT_DIR
     from utils.style_classifier import classifier_for_conf, find_carried_classifier, style_figures
 
     if conf is not None:
@@ -358,7 +351,7 @@ def style_metrics(path: str, predictions: list[str], references: list[list[str]]
         data = _read_json(path)
         named = [data.get(k) for k in ('model', 'model_name') if isinstance(data.get(k), str)]
         classifier, status = find_carried_classifier(
-            named + [os.path.join(os.path.dirname(os.path.abspath(path)), 'output')])
+            named + [os.path.join(os.path.dirname(os.path.abspath(path)), OUTPUT_DIR)])
     styles = load_styles(path)
     keep = [i for i, s in enumerate(styles) if s is not None]
     if classifier is not None and len(keep) < len(styles):

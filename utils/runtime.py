@@ -93,6 +93,26 @@ def log_to_file(path: str):
         handler.close()
 
 
+class BadInput(Exception):
+    """Bad input, worded for the user (names the conf key, file, row or style at fault): exit code 2.
+    ConfError, DataError, UnknownStyleError and the metrics and backup commands' errors are kinds of it."""
+
+
+def read_json(path, what: str, error=BadInput):
+    """The parsed JSON file ``path``, or ``error`` naming it as ``what`` (e.g. "train file", "-j file")."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise error(f'{what} {path} does not exist') from None
+    except json.JSONDecodeError as e:
+        raise error(f'{what} {path} is not valid JSON: {e}') from None
+    except UnicodeDecodeError:
+        raise error(f'{what} {path} is not valid UTF-8 text') from None
+    except IsADirectoryError:
+        raise error(f'{what} {path} is a folder, not a file') from None
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message ('' when it has none)."""
     text = str(e).strip()
@@ -106,12 +126,9 @@ EXIT_FAILURE = 1  # anything else
 def run_reporting_errors(fn: Callable, debug: bool = False):
     """fn() for an entry point: bad input becomes one line on stderr and exit 2, any other error one
     line and exit 1; --debug lets the traceback through instead."""
-    from utils.conf import ConfError
-    from utils.data import DataError
-    from utils.styles import UnknownStyleError
     try:
         return fn()
-    except (ConfError, DataError, UnknownStyleError) as e:
+    except BadInput as e:
         if debug:
             raise
         print(f'error: {e}', file=sys.stderr)

@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
+from utils.runtime import BadInput
+
 STYLE_MAP_FILE = 'style_map.json'
 CODE_TOKEN = re.compile(r'<code_(\d+)>')
 MAX_STYLE_TOKENS = 8192
 
 
-class UnknownStyleError(KeyError):
+class UnknownStyleError(BadInput, KeyError):
     def __init__(self, style: str, known: Iterable[str], where: str = ''):
         known = list(known)
         near = difflib.get_close_matches(style, known, n=3, cutoff=0.5)

@@ -20,10 +20,10 @@ import os
 import shutil
 from typing import Optional
 
+from utils.conf import BEST_DIR
 from utils.runtime import write_json_atomic
 
 logger = logging.getLogger(__name__)
-BEST_DIR = 'output_best'
 BEST_FILE = 'best.json'  # inside output_best/
 _RENAME_EXCHANGE = 2
 

@@ -6,7 +6,7 @@ import os
 from typing import List, Optional
 
 from utils import distributed
-from utils.conf import Conf
+from utils.conf import OUTPUT_DIR, Conf
 from utils.training import trainer as assembly
 
 logger = logging.getLogger('finetune')  # the name users see on finetune.py train's log lines
@@ -32,7 +32,7 @@ def train(conf: Conf, checkpoint: Optional[str], stamp: str, rows: List[dict], s
         if validation is not None:
             validation.close()
         assembly.detach_file_logs(conf.work_dir)
-    output = os.path.join(conf.work_dir, assembly.OUTPUT_DIR)
+    output = os.path.join(conf.work_dir, OUTPUT_DIR)
     summary = {'mode': 'train', 'time': stamp, 'checkpoint': checkpoint, 'output': output,
                'conf': conf.to_dict(), 'data': {'train': stats.to_dict()}, 'styles': len(style_map.tokens),
                'iterations': trainer.iter}

@@ -11,10 +11,9 @@ import os
 from typing import List
 
 from utils import distributed
-from utils.conf import Conf
+from utils.conf import OUTPUT_DIR, Conf
 
 logger = logging.getLogger(__name__)
-OUTPUT_DIR = 'output'
 
 
 def model_dir_of(conf: Conf) -> str:
