@@ -77,6 +77,7 @@ class Conf:
     num_workers: int = 0            # (CLI -w) dataloader worker processes
     precision: str = 'fp32'         # fp32, bf16 or fp16 (autocast; fp16 training with a loss scaler): training and captioning
     seed: int = 42                  # random seed for weights of new layers, shuffling, sampling, -r picks
+    verbose: bool = False           # also show ModelScope's own console output (config dump, hook table, per-iteration lines); it always goes to work_dir/{time}.log
 
     # --- training ---
     max_epochs: int = 3             # (CLI -e/--max_epoches) epochs to train

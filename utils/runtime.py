@@ -73,6 +73,7 @@ def setup_logging(level: int = logging.INFO) -> None:
     # transformers warns on every OFA model load that OFAModel does not inherit GenerationMixin: noise
     # for our users, who generate with ModelScope's own sequence generator. (A filter, not a level:
     # transformers changes what it checks when that logger's level is raised.)
+    logging.getLogger('fairseq').setLevel(logging.WARNING)  # e.g. "Please install tensorboardX" at import
     hf_logger = logging.getLogger('transformers.modeling_utils')
     if not any(isinstance(f, _GenerationMixinNotice) for f in hf_logger.filters):
         hf_logger.addFilter(_GenerationMixinNotice())

@@ -100,12 +100,16 @@ def build_trainer(conf: Conf, rows: List[dict], style_map, model_dir: str):
     stage = STAGES[conf.stage]
     dataset = stage.dataset(rows, preprocessor['train'])
     from utils.patches.train_step import TrainStepHook  # also registers distributed.HOOK_TYPE
+    from utils.training.progress import ProgressHook, modelscope_console
+    modelscope_console(conf.verbose)
     with no_hub_check_for_local_model(conf.model_is_local):
         trainer = OFATrainer(model=conf.model_name, model_revision=conf.model_revision,
                              cfg_modify_fn=make_cfg_modify_fn(conf), train_dataset=dataset,
                              preprocessor=preprocessor, work_dir=conf.work_dir, seed=conf.seed)
     use_atomic_checkpoints(trainer)
     trainer.register_hook(TrainStepHook(conf.precision))
+    if distributed.is_main():
+        trainer.register_hook(ProgressHook(conf.log_interval))
     stage.install(trainer, conf, rows)
     return trainer
 

@@ -1,0 +1,68 @@
+"""What a person sees while training: a progress bar per epoch (loss, learning rate, eta) and the toolkit's
+own log lines. ModelScope's console output (its config dump, hook table and per-iteration lines) goes to
+its log file in work_dir only, unless the conf's ``verbose`` asks for it on the console too."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from modelscope.trainers.hooks.hook import Hook
+from modelscope.trainers.hooks.priority import Priority
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+def modelscope_console(verbose: bool) -> None:
+    """ModelScope's own console handler shows warnings only (everything stays in its log file), or
+    everything with ``verbose``."""
+    from modelscope.utils.logger import get_logger
+    for handler in get_logger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+class ProgressHook(Hook):
+    """A tqdm bar per epoch with the loss and learning rate, on a terminal; elsewhere (a log file, CI) one
+    log line every ``log_interval`` iterations with the same figures and the time left in the epoch."""
+
+    PRIORITY = Priority.LOWEST
+
+    def __init__(self, log_interval: int, terminal: bool = None):
+        self.log_interval = log_interval
+        self.terminal = sys.stderr.isatty() if terminal is None else terminal
+        self.bar = None
+        self.started = None
+
+    def before_train_epoch(self, trainer):
+        total = trainer.iters_per_epoch
+        self.started = (time.monotonic(), trainer.inner_iter)
+        if self.terminal:
+            self.bar = tqdm(total=total, initial=trainer.inner_iter, unit='it', dynamic_ncols=True,
+                            desc=f'epoch {trainer.epoch + 1}/{trainer.max_epochs}')
+
+    def after_train_iter(self, trainer):
+        outputs = getattr(trainer, 'train_outputs', None) or {}
+        loss = outputs.get('loss')
+        loss = float(loss.detach()) if hasattr(loss, 'detach') else loss
+        lr = trainer.optimizer.param_groups[0]['lr'] if trainer.optimizer is not None else None
+        figures = {'loss': f'{loss:.4f}' if loss is not None else '?', 'lr': f'{lr:.2e}' if lr is not None else '?'}
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(figures, refresh=False)
+            return
+        done = trainer.inner_iter + 1
+        if done % self.log_interval and done != trainer.iters_per_epoch:
+            return
+        t0, i0 = self.started
+        rate = (time.monotonic() - t0) / max(1, done - i0)
+        eta = int(rate * (trainer.iters_per_epoch - done))
+        logger.info('epoch %d/%d, iteration %d/%d: loss %s, lr %s, %.2f s/it, epoch eta %d:%02d:%02d',
+                    trainer.epoch + 1, trainer.max_epochs, done, trainer.iters_per_epoch, figures['loss'],
+                    figures['lr'], rate, eta // 3600, eta // 60 % 60, eta % 60)
+
+    def after_train_epoch(self, trainer):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
