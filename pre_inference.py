@@ -129,9 +129,7 @@ def run(args) -> int:
 
     from utils.captioner import load_captioner
     captioner = load_captioner(conf, args.model)
-    try:  # an unknown style fails before any work, naming its row (of the file, skipped rows included)
-        for item in items:
-            captioner.style_map.check(item['style'], where=f'row {item["row"]}')
+    try:  # an unknown style fails before any work, naming its row of the file (skipped rows included)
         captions = captioner.caption(items, batch_size=conf.batch_size, num_workers=conf.num_workers)
     except UnknownStyleError as e:
         raise ConfError(f'{"-j file " + args.json if args.json else "test split"}, {e}') from None

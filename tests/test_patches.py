@@ -29,4 +29,4 @@ def test_a_missing_hook_point_names_the_patch(monkeypatch):
 @pytest.fixture(autouse=True)
 def _recheck_after():
     yield
-    patches._checked.clear()
+    patches._found = None

@@ -269,6 +269,19 @@ def test_curves_from_logs_and_validation_metrics(tmp_path):
         assert pixels.shape[0] > 100 and pixels.std() > 5
 
 
+def test_report_reuses_fresh_curves_and_redraws_stale_ones(tmp_path):
+    _write_logs(tmp_path)
+    drawn = curves.current_curves(str(tmp_path))  # none yet: drawn
+    assert [os.path.basename(p) for p in drawn] == ['curves_loss.png', 'curves_lr.png']
+    stamps = [os.path.getmtime(p) for p in drawn]
+    assert curves.current_curves(str(tmp_path)) == drawn
+    assert [os.path.getmtime(p) for p in drawn] == stamps  # fresh: not drawn again
+    log = next(tmp_path.glob('*.log.json'))
+    os.utime(log, (stamps[0] + 10, stamps[0] + 10))  # a newer log
+    curves.current_curves(str(tmp_path))
+    assert all(os.path.getmtime(p) > s for p, s in zip(drawn, stamps))
+
+
 def test_curves_never_raise(tmp_path, caplog):
     assert curves.draw_curves(str(tmp_path / 'missing')) == []
     (tmp_path / 'x.log.json').write_text('{"mode": "train", "epoch": 1, "iter": "bad"}\nnot json\n')

@@ -49,12 +49,14 @@ def test_cider_d_by_hand_and_as_modelscope_computes_it(tmp_path):
     assert ours[0] > 0 and ours[1] > 0
 
 
-def test_cider_document_frequencies_are_cached(tmp_path):
+def test_cider_document_frequencies_are_cached(tmp_path, monkeypatch):
     groups = [['a red cross'], ['a blue circle']]
     first = CiderD.cached(str(tmp_path), groups)
     files = list(tmp_path.glob('cider_df_*.json'))
     assert len(files) == 1
-    again = CiderD.cached(str(tmp_path), groups)
+    with monkeypatch.context() as m:  # the second time they come from the file, not computed again
+        m.setattr(CiderD, 'from_references', classmethod(lambda cls, g: pytest.fail('computed again')))
+        again = CiderD.cached(str(tmp_path), groups)
     assert again.df == first.df and again.ref_len == first.ref_len
     CiderD.cached(str(tmp_path), groups + [['a green triangle']])  # other references: a file of their own
     assert len(list(tmp_path.glob('cider_df_*.json'))) == 2
@@ -191,7 +193,7 @@ def test_validation_keeps_the_best_not_the_last(built, tmp_path):
         hook.close()
     stored = Captioner(str(best), beam_size=conf.beam_size, max_len=conf.max_len,
                        no_repeat_ngram_size=conf.no_repeat_ngram_size,
-                       model_cfg={'patch_image_size': conf.patch_image_size, 'max_image_size': conf.max_image_size})
+                       model_cfg=conf.model_cfg)
     assert stored.caption([{'style': r['style'], 'image': r['image']} for r in val]) == live
 
 

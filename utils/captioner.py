@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from utils.runtime import autocast, first_line, pick_device
-from utils.styles import UnknownStyleError
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +78,8 @@ class Captioner:
                 progress: bool = True) -> List[str]:
         """Captions for ``[{"style", "image"}, ...]``, in order. An unknown style fails, naming its row, before
         any work."""
-        for i, item in enumerate(items):
-            if item['style'] not in self.style_map.tokens:
-                raise UnknownStyleError(item['style'], self.style_map.tokens, where=f'row {i}')
+        for i, item in enumerate(items):  # an item's "row" (its row in a file) names it, else its position
+            self.style_map.check(item['style'], where=f'row {item.get("row", i)}')
         loader = DataLoader(_StyledImages(items, self.preprocessor), batch_size=batch_size, shuffle=False,
                             num_workers=num_workers, collate_fn=self.collate)
         captions: List[str] = []
@@ -125,8 +123,7 @@ def load_captioner(conf, model: Optional[str] = None, checkpoint: Optional[str] 
     try:
         captioner = Captioner(model_dir, revision, beam_size=conf.beam_size, max_len=conf.max_len,
                               no_repeat_ngram_size=conf.no_repeat_ngram_size, precision=conf.precision,
-                              model_cfg={'patch_image_size': conf.patch_image_size,
-                                         'max_image_size': conf.max_image_size})
+                              model_cfg=conf.model_cfg)
     except FileNotFoundError as e:  # e.g. a model dir without style_map.json
         raise ConfError(str(e)) from None
     if checkpoint is not None:

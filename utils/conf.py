@@ -6,7 +6,7 @@ override fields of the same name (see :func:`apply_overrides`); they never resta
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,6 +22,7 @@ SCST_SEARCHES = ('beam', 'sample')
 VAL_METRICS = ('Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr', 'SPICE')
 OUTPUT_DIR = 'output'            # work_dir/output: the trained model (newest checkpoint's weights)
 BEST_DIR = 'output_best'        # work_dir/output_best: the best validated model
+VAL_METRICS_FILE = 'val_metrics.jsonl'  # work_dir/val_metrics.jsonl: one line per validation
 HUB_ID = re.compile(r'^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$')
 
 
@@ -114,6 +115,11 @@ class Conf:
         return self.prompt or DEFAULT_PROMPT
 
     @property
+    def model_cfg(self) -> dict:
+        """The values that replace ``model.*`` of the model's configuration.json (None: keep the model's)."""
+        return {'patch_image_size': self.patch_image_size, 'max_image_size': self.max_image_size}
+
+    @property
     def model_is_local(self) -> bool:
         return is_local_model(self.model_name)
 
@@ -203,7 +209,8 @@ CHOICES = {'precision': PRECISIONS, 'stage': STAGES, 'best_metric': VAL_METRICS}
 _SECTION_NAMES = {"the seed's keys": 'seed', 'training stage': 'stage', 'images and generation': 'generation'}
 
 
-def conf_fields() -> list:
+@functools.lru_cache(maxsize=None)
+def conf_fields() -> tuple:
     """(section, name, type, help, short flags) of every scalar Conf field, read from Conf's own source:
     each field's help is its end-of-line comment, its section the "# --- section ---" line above it, and
     "(CLI -b)" or "(CLI -e/--max_epoches)" at the start of a comment names extra flags."""
@@ -231,7 +238,7 @@ def conf_fields() -> list:
             name = tok.string
         elif tok.type == tokenize.NEWLINE:
             name = None
-    return found
+    return tuple(found)
 
 
 def add_conf_flags(parser, command: str) -> None:

@@ -30,9 +30,10 @@ import re
 import sys
 from typing import Dict, List, Optional, Tuple
 
+from utils.conf import VAL_METRICS_FILE
+
 logger = logging.getLogger(__name__)
 
-VAL_METRICS_FILE = 'val_metrics.jsonl'
 CURVE_FILES = {'loss': 'curves_loss.png', 'lr': 'curves_lr.png', 'validation': 'curves_validation.png'}
 # TextLoggerHook keys that are bookkeeping, not training signals
 _NOT_PLOTTED = {'mode', 'epoch', 'iter', 'lr', 'iter_time', 'data_load_time', 'time', 'data_time', 'memory', 'eta'}
@@ -173,6 +174,18 @@ def _plot(series: Series, title: str, ylabel_of, path: str, log_y: bool = False)
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def current_curves(work_dir: str) -> List[str]:
+    """The curve PNGs of work_dir, drawn again only where one is missing or older than the logs it comes
+    from (training draws them at each validation and at its end; a report reuses them)."""
+    sources = glob.glob(os.path.join(glob.escape(work_dir), '*.log.json')) + [os.path.join(work_dir, VAL_METRICS_FILE)]
+    newest = max((os.path.getmtime(p) for p in sources if os.path.isfile(p)), default=0.0)
+    pngs = [os.path.join(work_dir, name) for name in CURVE_FILES.values()]
+    present = [p for p in pngs if os.path.isfile(p)]
+    if present and all(os.path.getmtime(p) >= newest for p in present):
+        return present
+    return draw_curves(work_dir)
 
 
 def draw_curves(work_dir: str) -> List[str]:

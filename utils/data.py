@@ -150,7 +150,8 @@ def _json_records(path: Path, split: str, limit: Optional[int]) -> Tuple[int, It
     data = read_json(path, f'{split} file', DataError)
     if not isinstance(data, list):
         raise DataError(f'{split} file {path} must hold a JSON list of rows, got {type(data).__name__}')
-    return len(data[:limit]), enumerate(data[:limit])
+    data = data[:limit]
+    return len(data), enumerate(data)
 
 
 def _tabular_records(path: Path, split: str, columns: Columns, limit: Optional[int]):
@@ -192,7 +193,7 @@ def _tabular_records(path: Path, split: str, columns: Columns, limit: Optional[i
         i = 0
         for batch in table.iter(batch_size=4096):
             for values in zip(*(batch[c] for c in wanted)):
-                yield i, {c: ('' if kind == 'csv' and v is None else v) for c, v in zip(wanted, values)}
+                yield i, dict(zip(wanted, values))  # an empty cell (None or '') is an empty field
                 i += 1
     return len(table), records()
 

@@ -42,7 +42,7 @@ def evaluate(conf, checkpoint: Optional[str], stamp: str, rows: List[dict], stat
     }
     path = unique_path(conf.work_dir, 'eval', stamp)
     write_json_atomic(path, result)  # the predictions first: a scoring failure loses no captions
-    scored = score_file(path, conf, model_dir=model)  # what `python -m utils.metrics` does with any result file
+    scored = score_file(path, conf, model_dir=model, data=result)  # what `python -m utils.metrics` does
     metrics = result['metrics'] = scored['metrics']
     for row, predicted in zip(result['results'], scored['predicted_styles']):
         row['predicted_style'] = predicted

@@ -41,12 +41,13 @@ from pycocoevalcap.spice import get_stanford_models as _stanford_models
 from pycocoevalcap.spice.spice import Spice
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+from utils.conf import VAL_METRICS
 from utils.runtime import BadInput, first_line, read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-BLEU_NAMES = ('Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4')
-METRIC_NAMES = BLEU_NAMES + ('METEOR', 'ROUGE_L', 'CIDEr', 'SPICE')
+METRIC_NAMES = VAL_METRICS  # pycocoevalcap's names, in table order (declared once, in utils/conf.py)
+BLEU_NAMES = METRIC_NAMES[:4]
 SPICE_INSTALL_COMMAND = ('python -c "from pycocoevalcap.spice.get_stanford_models '
                          'import get_stanford_models; get_stanford_models()"')
 SPICE_SKIPPED = 'SPICE skipped (not requested)'
@@ -84,7 +85,8 @@ def spice_unavailable_reason() -> Optional[str]:
 
 def _first_line(exc: BaseException) -> str:
     """Exception type plus the first line of its message."""
-    return f'{type(exc).__name__}: {first_line(exc)}' if first_line(exc) else type(exc).__name__
+    line = first_line(exc)
+    return f'{type(exc).__name__}: {line}' if line else type(exc).__name__
 
 
 def _spice_score(gts: dict, res: dict, spice: Optional[bool]) -> tuple[Optional[float], str]:
@@ -296,19 +298,19 @@ def _row_references(row: dict, where: str) -> Optional[list[str]]:
     return refs or None
 
 
-def load_inference(path: str) -> tuple[list[str], list[list[str]], int]:
-    """(predictions, references, n_skipped) from an inference JSON file.
+def load_inference(path: str, data=None) -> tuple[list[str], list[list[str]], list[int], list]:
+    """(predictions, references, indices of the scored rows, all results rows) of a result file, read once.
 
     The file is ``{"model_name", "model_revision", "n_eval_sample", "results": [{"style",
     "image", "caption", "reference"}, ...]}`` with "reference" a string or a list of strings.
-    Rows without a reference are skipped and counted. Rows are numbered from 1 in messages.
-    Raises InputError for a malformed file.
+    Rows without a reference are not scored (the caller counts them). Rows are numbered from 1 in
+    messages. Raises InputError for a malformed file.
     """
-    data = _read_json(path)
+    data = _read_json(path) if data is None else data
     results = data.get('results') if isinstance(data, dict) else None
     if not isinstance(results, list):
         raise InputError(f'{path}: expected a JSON object with a "results" list')
-    predictions, references, skipped = [], [], 0
+    predictions, references, kept = [], [], []
     for i, row in enumerate(results):
         where = f'{path}: results row {i + 1} (results[{i}])'
         if not isinstance(row, dict):
@@ -319,40 +321,32 @@ def load_inference(path: str) -> tuple[list[str], list[list[str]], int]:
             raise InputError(f'{where}: "caption" must be a string, got {got}')
         refs = _row_references(row, where)
         if refs is None:
-            skipped += 1
             continue
         predictions.append(caption)
         references.append(refs)
+        kept.append(i)
     if not predictions:
         raise InputError(f'{path}: none of the {len(results)} results rows has a reference to score against')
-    return predictions, references, skipped
+    return predictions, references, kept, results
 
 
-def load_styles(path: str) -> list[Optional[str]]:
-    """The "style" of each row load_inference keeps (rows with a reference), None where a row has none."""
-    rows = _read_json(path)['results']
-    return [row.get('style') if isinstance(row.get('style'), str) else None
-            for i, row in enumerate(rows) if _row_references(row, f'{path}: results row {i + 1}') is not None]
-
-
-def style_metrics(path: str, predictions: list[str], references: list[list[str]], conf=None,
-                  model_dir: Optional[str] = None) -> tuple[dict, list[Optional[str]]]:
+def style_metrics(data: dict, path: str, predictions: list[str], references: list[list[str]],
+                  styles: list[Optional[str]], conf=None, model_dir: Optional[str] = None
+                  ) -> tuple[dict, list[Optional[str]]]:
     """The style figures of a file's scored rows (see utils.style_classifier) and the predicted style of each
-    scored row. The classifier: with ``conf`` (a Conf), the one of that conf's train split (cached in its
-    work_dir, and kept in ``model_dir`` when given); otherwise the copy kept in ``style_classifier/`` of the
-    model dir the file names ("model" or "model_name"), or of ``output/`` beside the file (a work_dir's
-    default model)."""
+    scored row (None where a row has no "style"). The classifier: with ``conf`` (a Conf), the one of that
+    conf's train split (cached in its work_dir, and kept in ``model_dir`` when given); otherwise the copy kept
+    in ``style_classifier/`` of the model dir the file names ("model" or "model_name"), or of ``output/``
+    beside the file (a work_dir's default model)."""
     from utils.conf import OUTPUT_DIR
     from utils.style_classifier import classifier_for_conf, find_carried_classifier, style_figures
 
     if conf is not None:
         classifier, status = classifier_for_conf(conf, model_dir)
     else:
-        data = _read_json(path)
         named = [data.get(k) for k in ('model', 'model_name') if isinstance(data.get(k), str)]
         classifier, status = find_carried_classifier(
             named + [os.path.join(os.path.dirname(os.path.abspath(path)), OUTPUT_DIR)])
-    styles = load_styles(path)
     keep = [i for i, s in enumerate(styles) if s is not None]
     if classifier is not None and len(keep) < len(styles):
         logger.warning('%s: %d scored rows have no "style"; style accuracy covers the other %d',
@@ -365,20 +359,25 @@ def style_metrics(path: str, predictions: list[str], references: list[list[str]]
     return figures, per_row
 
 
-def score_file(path: str, conf=None, spice: Optional[bool] = None, model_dir: Optional[str] = None) -> dict:
+def score_file(path: str, conf=None, spice: Optional[bool] = None, model_dir: Optional[str] = None,
+               data=None) -> dict:
     """Score a result file (``inference_*.json`` or ``eval_*.json``: the same schema) the one way the toolkit
-    scores: pycocoevalcap's metrics of every row with a reference, and the style figures. Returns
+    scores: pycocoevalcap's metrics of every row with a reference, and the style figures. ``data``: the
+    file's content when the caller has it (the file is then not read again). Returns
     ``{"metrics", "n_scored", "n_skipped", "predicted_styles"}`` (the last: one per results row, None for a
     row that was not scored). Raises InputError for a malformed file."""
-    predictions, references, skipped = load_inference(path)
+    data = _read_json(path) if data is None else data
+    predictions, references, kept, rows = load_inference(path, data)
+    skipped = len(rows) - len(kept)
     if skipped:
-        logger.warning('%s: skipped %d of %d rows that have no reference', path, skipped, skipped + len(predictions))
+        logger.warning('%s: skipped %d of %d rows that have no reference', path, skipped, len(rows))
     metrics = score(predictions, references, spice=spice)
-    figures, predicted = style_metrics(path, predictions, references, conf, model_dir)
+    styles = [rows[i].get('style') if isinstance(rows[i].get('style'), str) else None for i in kept]
+    figures, predicted = style_metrics(data, path, predictions, references, styles, conf, model_dir)
     metrics.update(figures)
-    rows = _read_json(path)['results']
-    scored = iter(predicted)
-    per_row = [next(scored) if _row_references(row, path) is not None else None for row in rows]
+    per_row: list[Optional[str]] = [None] * len(rows)
+    for i, p in zip(kept, predicted):
+        per_row[i] = p
     return {'metrics': metrics, 'n_scored': len(predictions), 'n_skipped': skipped, 'predicted_styles': per_row}
 
 
@@ -420,13 +419,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
     path = args.inference_json
     try:
-        load_inference(path)  # a malformed file is bad input (exit 2), found before any scoring
+        data = _read_json(path)
         conf = _read_conf(args.conf) if args.conf else None
-    except InputError as exc:
+        scored = score_file(path, conf, spice=False if args.no_spice else None, data=data)
+    except InputError as exc:  # a malformed file: found by load_inference before any scoring
         _error(str(exc))
         return 2
-    try:
-        scored = score_file(path, conf, spice=False if args.no_spice else None)
     except (RuntimeError, ValueError, OSError) as exc:
         _error(f'{path}: scoring failed: {_first_line(exc)}')
         return 1

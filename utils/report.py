@@ -91,9 +91,9 @@ def _style_section(metrics: dict) -> str:
 
 
 def _curves_section(work_dir: str) -> str:
-    from utils.curves import draw_curves
+    from utils.curves import current_curves
     imgs = []
-    for path in draw_curves(work_dir):
+    for path in current_curves(work_dir):
         try:
             with open(path, 'rb') as f:
                 imgs.append(f'<img alt="{_e(os.path.basename(path))}" src="{_data_uri(f.read(), "image/png")}">')

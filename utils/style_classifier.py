@@ -39,6 +39,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from utils.runtime import BadInput, read_json
+
 logger = logging.getLogger(__name__)
 
 CLASSIFIER_DIR = 'style_classifier'
@@ -219,24 +221,39 @@ def _try_load(directory: str, want_hash: Optional[str]) -> Optional[StyleClassif
     return clf
 
 
+def _carried_hash(directory: str) -> Optional[str]:
+    """The data hash of a stored classifier of this format and settings, read from its small
+    classifier.json only (None: no such classifier there)."""
+    try:
+        info = read_json(os.path.join(directory, 'classifier.json'), 'style classifier')
+    except (BadInput, OSError):
+        return None
+    if not isinstance(info, dict) or info.get('format') != FORMAT or info.get('settings') != SETTINGS:
+        return None
+    return info.get('data_hash')
+
+
 def classifier_for_rows(rows: Sequence[dict], work_dir: str, model_dir: Optional[str] = None) -> StyleClassifier:
     """The style classifier of these train rows: from the cache in work_dir, else the copy in model_dir
     (when trained on the same data), else trained now and cached. A copy is kept in model_dir."""
     digest = data_hash(rows)
     cached = os.path.join(work_dir, CLASSIFIER_DIR, digest[:16])
     carried = os.path.join(model_dir, CLASSIFIER_DIR) if model_dir else None
+    carried_ok = False  # the model dir already holds this classifier
     clf = _try_load(cached, digest)
     if clf is not None:
         logger.info('style classifier from the cache: %s', cached)
+        carried_ok = bool(carried) and _carried_hash(carried) == digest  # its classifier.json only
     elif carried and (clf := _try_load(carried, digest)) is not None:
         logger.info('style classifier from the model dir: %s', carried)
         clf.save(cached)
+        carried_ok = True
     else:
         clf = StyleClassifier.fit([r['text'] for r in rows], [r['style'] for r in rows],
                                   meta={'data_hash': digest})
         clf.save(cached)
         logger.info('style classifier cached in %s', cached)
-    if carried and _try_load(carried, digest) is None:
+    if carried and not carried_ok:
         try:
             clf.save(carried)
             logger.info('style classifier copied to the model dir: %s', carried)

@@ -21,7 +21,7 @@ stage replaces ``trainer.criterion`` (``utils/training/stages.py``).
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +64,15 @@ RELIES_ON: Dict[str, Dict[str, Callable[[], bool]]] = {
     },
 }
 
-_checked: List[str] = []
+_found: Optional[List[str]] = None  # the warnings of the check, once it has run
 
 
 def check_modelscope(force: bool = False) -> List[str]:
     """Warn (once per process) where the installed ModelScope differs from what the patches were written
     for; returns the warnings. Nothing is raised: a differing version may still be fine, and says so."""
-    if _checked and not force:
-        return _checked[1:]
+    global _found
+    if _found is not None and not force:
+        return _found
     import modelscope
     problems = []
     installed = getattr(modelscope, '__version__', '?')
@@ -89,7 +90,7 @@ def check_modelscope(force: bool = False) -> List[str]:
                                 'lacks: install the version in requirements.txt')
     for message in problems:
         logger.warning('%s', message)
-    _checked[:] = ['done'] + problems
+    _found = problems
     return problems
 
 

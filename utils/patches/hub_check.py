@@ -8,8 +8,7 @@ import contextlib
 
 @contextlib.contextmanager
 def no_hub_check_for_local_model(model_is_local: bool):
-    """ModelScope's trainer asks the hub whether a *local* model dir is the latest version (an advisory
-    log line, with retries: ~20 s with no network). For a local model dir we skip that question."""
+    """While in the block, ModelScope's trainer does not ask the hub about a local model dir."""
     if not model_is_local:
         yield
         return

@@ -21,17 +21,17 @@ from collections import Counter, defaultdict
 from typing import Dict, List, Sequence, Tuple
 
 from utils.runtime import write_json_atomic
+from utils.style_classifier import normalise
 
 logger = logging.getLogger(__name__)
 N = 4
 SIGMA = 6.0
-_PUNCTUATION = str.maketrans('', '', string.punctuation)
 
 Ngram = Tuple[str, ...]
 
 
 def words(text: str) -> List[str]:
-    return text.translate(_PUNCTUATION).lower().split()
+    return normalise(text).split()  # the style classifier's normalisation: lower case, no punctuation
 
 
 def ngram_counts(text: str, n: int = N) -> Counter:

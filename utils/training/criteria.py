@@ -68,8 +68,6 @@ class ScstCriterion(torch.nn.Module):
         from modelscope.models.multi_modal.ofa.generate import search
         from modelscope.models.multi_modal.ofa.generate import sequence_generator as sg
 
-        from utils.patches.generation import VectorisedNGramRepeatBlock
-
         self.tokenizer, self.references, self.cider = tokenizer, references, cider
         self.n = conf.scst.candidates
         strategy = search.Sampling(tokenizer) if conf.scst.search == 'sample' else None
@@ -77,8 +75,6 @@ class ScstCriterion(torch.nn.Module):
             tokenizer=tokenizer, beam_size=self.n, max_len_b=conf.max_len, min_len=1,
             no_repeat_ngram_size=conf.no_repeat_ngram_size, search_strategy=strategy,
             temperature=conf.scst.temperature if conf.scst.search == 'sample' else 1.0)
-        if self.generator.repeat_ngram_blocker is not None:
-            self.generator.repeat_ngram_blocker = VectorisedNGramRepeatBlock(conf.no_repeat_ngram_size)
         self.log_buffer = None  # the trainer's: mean reward and baseline go into its log lines
 
     def generate(self, model, batch) -> List[List[torch.Tensor]]:

@@ -40,7 +40,7 @@ class Scst(Stage):
         return StylishCaptionDataset(rows, preprocessor, with_ids=True)
 
     def install(self, trainer, conf, rows):
-        from utils.patches.generation import enable_kv_cache
+        from utils.patches.generation import speed_up
         from utils.training.cider import CiderD
         from utils.training.criteria import ScstCriterion
 
@@ -50,8 +50,8 @@ class Scst(Stage):
             refs.extend(r for r in row['references'] if r not in refs)
         cider = CiderD.cached(conf.work_dir, list(groups.values()))
         model = trainer.unwrap_module(trainer.model)
-        enable_kv_cache(model.model.decoder)  # the candidates are generated step by step with the decoder's cache
         criterion = ScstCriterion(conf, model.tokenizer, [groups[(r['image'], r['style'])] for r in rows], cider)
+        speed_up(model, criterion.generator)  # candidates: the decoder's key/value cache, the vectorised blocker
         criterion.log_buffer = trainer.log_buffer
         trainer.criterion = criterion
         logger.info('SCST: %d candidates per sample (%s), CIDEr-D reward against %d reference sets', conf.scst.candidates,

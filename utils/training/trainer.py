@@ -24,10 +24,6 @@ def model_dir_of(conf: Conf) -> str:
     return snapshot_download(conf.model_name, revision=conf.model_revision)
 
 
-def model_cfg_overrides(conf: Conf) -> dict:
-    return {'patch_image_size': conf.patch_image_size, 'max_image_size': conf.max_image_size}
-
-
 def make_cfg_modify_fn(conf: Conf):
     """The training section of the ModelScope configuration, from the conf (nothing else sets it)."""
     import torch
@@ -35,7 +31,7 @@ def make_cfg_modify_fn(conf: Conf):
     def cfg_modify_fn(cfg):
         cfg.task = 'image-captioning'  # a pretrain checkpoint becomes a captioning model
         cfg.pipeline = {'type': 'image-captioning'}
-        for key, value in model_cfg_overrides(conf).items():
+        for key, value in conf.model_cfg.items():
             if value is not None:
                 cfg.model[key] = value
         cfg.model['beam_search'] = {'beam_size': conf.beam_size, 'max_len_b': conf.max_len, 'min_len': 1,
@@ -83,7 +79,7 @@ def build_trainer(conf: Conf, rows: List[dict], style_map, model_dir: str):
 
     preprocessor = {
         split: OfaPreprocessorForStylishIC(model_dir, mode=mode, style_map=style_map,
-                                           model_cfg=model_cfg_overrides(conf), no_collate=True)
+                                           model_cfg=conf.model_cfg, no_collate=True)
         for split, mode in (('train', 'train'), ('val', 'eval'))
     }
     if conf.image_cache:

@@ -28,9 +28,10 @@ from modelscope.trainers.hooks.hook import Hook
 from modelscope.trainers.hooks.priority import Priority
 
 from utils import distributed
+from utils.conf import VAL_METRICS, VAL_METRICS_FILE
+from utils.curves import draw_curves  # never raises: a plot never stops a run
 
 logger = logging.getLogger(__name__)
-VAL_METRICS_FILE = 'val_metrics.jsonl'
 LOGGED = ('CIDEr', 'Bleu_4', 'METEOR', 'ROUGE_L')  # the figures of the log line
 
 
@@ -72,8 +73,7 @@ class LiveCaptioner:
                 model, beam_size=self.conf.beam_size, max_len=self.conf.max_len,
                 no_repeat_ngram_size=self.conf.no_repeat_ngram_size, precision=self.conf.precision,
                 device=str(next(model.parameters()).device), style_map=self.style_map,
-                model_cfg={'patch_image_size': self.conf.patch_image_size,
-                           'max_image_size': self.conf.max_image_size})
+                model_cfg=self.conf.model_cfg)
         try:
             return self.captioner.caption(items, batch_size=self.conf.batch_size, progress=distributed.is_main())
         finally:
@@ -170,7 +170,7 @@ class ValidationHook(Hook):
         if self.meteor is None:
             self.meteor = start_meteor()
         scores = score(captions, [r['references'] for r in self.rows], spice=self.conf.val_spice, meteor=self.meteor)
-        metrics = {k: v for k, v in scores.items() if k[0].isupper() and v is not None}
+        metrics = {k: v for k, v in scores.items() if k in VAL_METRICS and v is not None}
         improved = self.best.offer(metrics[self.conf.best_metric], iteration, epoch, trainer)
         record = {'iteration': iteration, 'epoch': epoch, 'metrics': metrics,
                   'seconds': round(time.perf_counter() - start, 3), 'n_samples': len(self.rows),
@@ -188,14 +188,3 @@ class ValidationHook(Hook):
         distributed.barrier()
         return record
 
-
-def draw_curves(work_dir: str) -> None:
-    """The training curves (utils.curves, where installed) from the logs and val_metrics.jsonl; never fatal."""
-    try:
-        from utils.curves import draw_curves as draw
-    except ImportError:
-        return
-    try:
-        draw(work_dir)
-    except Exception as e:  # noqa: BLE001 - a plot must never stop a training run
-        logger.warning('training curves not drawn: %s', e)
