@@ -13,9 +13,12 @@ import os
 import sys
 from typing import List, Optional
 
-from utils.checkpointing import WorkDirLock, resolve_checkpoint
-from utils import distributed
-from utils.conf import OUTPUT_DIR, Conf, ConfError, add_conf_flags, conf_overrides, load_conf
+from utils.core.workdir import WorkDirLock
+from utils.training.resume import resolve_checkpoint
+from utils.core import distributed
+from utils.core.layout import OUTPUT_DIR
+from utils.core.conf import Conf, add_conf_flags, apply_overrides, conf_overrides, read_conf, validate
+from utils.core.errors import ConfError
 
 logger = logging.getLogger('finetune')
 
@@ -51,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_data(conf: Conf, mode: str, n_samples: Optional[int] = None):
     """The rows a run needs (train split, or test split for eval), read before anything is written."""
-    from utils.data import load_split
+    from utils.data.rows import load_split
     if mode == 'train':
         return load_split(conf, 'train', limit=conf.max_train_samples)
     return load_split(conf, 'test', limit=n_samples)
@@ -62,8 +65,8 @@ def build_style_map(conf: Conf, rows: List[dict], checkpoint: Optional[str]):
     new styles, never renumbered), else a new one. Resuming, it must be the one the checkpoint was trained
     with (saved in work_dir/output): other styles, or another style order, would silently change what each
     token means."""
-    from utils.data import read_styles
-    from utils.styles import StyleMap, training_style_map
+    from utils.data.rows import read_styles
+    from utils.data.styles import StyleMap, training_style_map
 
     style_map = training_style_map(read_styles(conf.dataset_path, rows), conf.tokenize_style, conf.prompt,
                                    conf.prompt_template, conf.model_name if conf.model_is_local else None)
@@ -80,10 +83,23 @@ def build_style_map(conf: Conf, rows: List[dict], checkpoint: Optional[str]):
     return style_map
 
 
-# ---------------------------------------------------------------- helpers
+def write_summary(conf: Conf, stamp: str, summary: dict) -> str:
+    """work_dir/train_{time}.json; the demo conf adds its style-following figures (utils/demo/report.py)."""
+    from utils.core.io import unique_path, write_json_atomic
+    if conf.demo:
+        from utils.demo.report import demo_report
+        summary['demo'] = demo_report(conf, summary['output'])
+    path = unique_path(conf.work_dir, 'train', stamp)
+    write_json_atomic(path, summary)
+    return path
+
+
+# ---------------------------------------------------------------- main
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from utils.runtime import log_to_file, run_reporting_errors, setup_logging, timestamp
+    from utils.core.logs import log_to_file, setup_logging
+    from utils.core.cli import run_reporting_errors
+    from utils.core.io import timestamp
 
     args = build_parser().parse_args(argv)
     setup_logging(logging.INFO if distributed.is_main() else logging.WARNING)
@@ -94,11 +110,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def prepare():  # every check that can fail on bad input, before anything is written
         from utils.training.validation import load_val_rows
-        conf = load_conf(args.conf, conf_overrides(args),
-                         splits=('train', 'val') if args.mode == 'train' else ('test',))
+        conf = apply_overrides(read_conf(args.conf), **conf_overrides(args))
+        if conf.demo:  # the demo conf's tiny model and data set, built where missing
+            from utils.demo.data import ensure_demo_assets
+            ensure_demo_assets(conf.model_name, conf.dataset_path, conf.img_addr, conf.patch_image_size or 64)
+        validate(conf, splits=('train', 'val') if args.mode == 'train' else ('test',))
         checkpoint = resolve_checkpoint(args.checkpoint, conf.work_dir)
         if args.mode == 'eval':
-            from utils.captioner import trained_model_dir
+            from utils.captioning.captioner import trained_model_dir
             trained_model_dir(conf, args.model)
         rows, stats = read_data(conf, args.mode, getattr(args, 'n_samples', None))
         style_map = build_style_map(conf, rows, checkpoint) if args.mode == 'train' else None
@@ -125,9 +144,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             distributed.barrier()  # the other ranks start once rank 0 holds the work_dir
             if args.mode == 'train':
                 from utils.training import train
-                train(conf, checkpoint, stamp, rows, stats, style_map, val_rows)
+                summary = train(conf, checkpoint, stamp, rows, stats, style_map, val_rows)
+                if main_rank:
+                    write_summary(conf, stamp, summary)
             else:
-                from utils.evaluate import evaluate
+                from utils.evaluation.run import evaluate
                 evaluate(conf, checkpoint, stamp, rows, stats, log_csv=args.log_csv, model=args.model,
                          style_blind=args.style_blind)
         return 0

@@ -8,17 +8,19 @@ Writes {OUT_DIR or work_dir}/inference_{time}.json:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import random
 import sys
 from typing import List, Optional
 
-from utils.conf import ConfError, add_conf_flags, conf_overrides, load_conf
-from utils.data import DataError, SplitStats, check_image, image_path, load_split
-from utils.runtime import read_json
-from utils.styles import UnknownStyleError
+from utils.core.errors import ConfError
+from utils.core.conf import add_conf_flags, conf_overrides, load_conf
+from utils.core.errors import DataError
+from utils.data.rows import SplitStats, load_split
+from utils.data.images import check_image, image_path
+from utils.core.io import read_json
+from utils.core.errors import UnknownStyleError
 
 logger = logging.getLogger('pre_inference')
 
@@ -108,7 +110,8 @@ def _json_item(i: int, row, conf):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from utils.runtime import run_reporting_errors, setup_logging
+    from utils.core.cli import run_reporting_errors
+    from utils.core.logs import setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging()
@@ -116,7 +119,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def run(args) -> int:
-    from utils.runtime import timestamp, unique_path, write_json_atomic
+    from utils.core.io import timestamp, unique_path, write_json_atomic
 
     conf = load_conf(args.conf, conf_overrides(args), splits=() if args.json else ('test',))
     if args.n_samples is not None and args.n_samples < 1:
@@ -127,7 +130,7 @@ def run(args) -> int:
     else:
         items, stats = test_items(conf, args.n_samples, args.random)
 
-    from utils.captioner import load_captioner
+    from utils.captioning.captioner import load_captioner
     captioner = load_captioner(conf, args.model)
     try:  # an unknown style fails before any work, naming its row of the file (skipped rows included)
         captions = captioner.caption(items, batch_size=conf.batch_size, num_workers=conf.num_workers)

@@ -20,8 +20,10 @@ import threading
 import warnings
 from typing import List, Optional
 
-from utils.conf import OUTPUT_DIR, ConfError, add_conf_flags, conf_overrides, load_conf
-from utils.runtime import first_line
+from utils.core.layout import OUTPUT_DIR
+from utils.core.errors import ConfError
+from utils.core.conf import add_conf_flags, conf_overrides, load_conf
+from utils.core.errors import first_line
 
 logger = logging.getLogger('web_demo')
 ALL_STYLES = 'All styles'
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_upload(path: str, max_bytes: int) -> Optional[str]:
     """None if the uploaded file is a usable image, else a sentence for the page saying why not."""
-    from utils.data import MAX_PIXELS, check_image
+    from utils.data.images import MAX_PIXELS, check_image
     size = os.path.getsize(path) if os.path.isfile(path) else 0
     if size > max_bytes:
         return f'The file is too large ({size / 1e6:.1f} MB): the limit is {max_bytes / 1e6:g} MB.'
@@ -61,7 +63,8 @@ def check_upload(path: str, max_bytes: int) -> Optional[str]:
 def sample_images(conf, folder: str) -> List[str]:
     """Copies of the first N_SAMPLES distinct images of the conf's test split in folder (served from there, not
     from img_addr); none when the split cannot be read."""
-    from utils.data import DataError, load_split
+    from utils.core.errors import DataError
+    from utils.data.rows import load_split
     try:
         rows, _ = load_split(conf, 'test', limit=8 * N_SAMPLES)
     except (ConfError, DataError, OSError) as e:
@@ -153,7 +156,8 @@ def build_app(demo: Demo, model_name: str):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from utils.runtime import run_reporting_errors, setup_logging
+    from utils.core.cli import run_reporting_errors
+    from utils.core.logs import setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging()
@@ -169,7 +173,7 @@ def run(args) -> int:
         raise ConfError(f'--max_upload_mb must be positive, got {args.max_upload_mb}')
     if not 0 <= args.port < 65536:
         raise ConfError(f'--port must be 0..65535, got {args.port}')
-    from utils.captioner import load_captioner
+    from utils.captioning.captioner import load_captioner
     captioner = load_captioner(conf, args.model)  # the model is loaded once, here
 
     with tempfile.TemporaryDirectory(prefix='web_demo_') as private:

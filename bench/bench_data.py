@@ -11,14 +11,13 @@ reuse it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 import tracemalloc
 from pathlib import Path
 
-from utils.data import write_rows
+from utils.data.rows import write_rows
 
 
 def make_rows(n: int):
@@ -29,7 +28,7 @@ def make_rows(n: int):
 
 def measure(path: Path):
     """(seconds, peak MB while reading, MB held by the rows read) - memory from a second, traced read."""
-    from utils.data import read_split
+    from utils.data.rows import read_split
     t = time.perf_counter()
     rows, stats = read_split(path, '/images', '.jpg', 'train', check_images=False)
     seconds = time.perf_counter() - t

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     if args.warmup < 1:
         p.error('--warmup must be at least 1 (the FLOPs are counted in the first, untimed, iteration)')
 
-    from utils.runtime import setup_logging
+    from utils.core.logs import setup_logging
     setup_logging()
     import torch
     from modelscope.pipelines import pipeline
@@ -109,12 +109,12 @@ def main(argv=None) -> int:
 
     from utils.training import trainer as assembly
     from bench.bench_train import realistic_images, stock_trainer
-    from utils.captioner import Captioner
-    from utils.conf import DEFAULT_PROMPT, conf_from_dict, validate
-    from utils.data import read_split
-    from utils.demo_data import COLOURS, SHAPES, STYLES, caption
-    from utils.styles import StyleMap
-    from utils.tiny_model import build_tiny_ofa
+    from utils.captioning.captioner import Captioner
+    from utils.core.conf import DEFAULT_PROMPT, conf_from_dict, validate
+    from utils.data.rows import read_split
+    from utils.demo.data import COLOURS, SHAPES, STYLES, caption
+    from utils.data.styles import StyleMap
+    from utils.demo.tiny_model import build_tiny_ofa
 
     root = tempfile.mkdtemp(prefix='bench_gpu_')
     n_rows = args.batch * (args.warmup + args.steps)

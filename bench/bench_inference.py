@@ -21,10 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build_assets(root: str, n_images: int, size: int):
-    from utils.conf import DEFAULT_PROMPT
-    from utils.demo_data import COLOURS, SHAPES, STYLES, build_demo_data, caption
-    from utils.styles import StyleMap
-    from utils.tiny_model import build_tiny_ofa
+    from utils.core.conf import DEFAULT_PROMPT
+    from utils.demo.data import COLOURS, SHAPES, STYLES, build_demo_data, caption
+    from utils.data.styles import StyleMap
+    from utils.demo.tiny_model import build_tiny_ofa
 
     build_demo_data(f'{root}/data', f'{root}/images', sizes={'test': n_images})
     texts = [caption(st, c, s) for st in STYLES for c in COLOURS for s in SHAPES]
@@ -54,13 +54,14 @@ def main(argv=None) -> int:
     p.add_argument('--repeat', type=int, default=3, help='timed passes per path (the best is kept)')
     args = p.parse_args(argv)
 
-    from utils.runtime import pick_device, setup_logging
+    from utils.core.device import pick_device
+    from utils.core.logs import setup_logging
     setup_logging()
     import torch
     from modelscope.pipelines import pipeline
     from modelscope.utils.constant import Tasks
 
-    from utils.captioner import Captioner
+    from utils.captioning.captioner import Captioner
 
     with tempfile.TemporaryDirectory() as root:
         model_dir, images, styles = build_assets(root, args.images, args.size)

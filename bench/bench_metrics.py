@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     p.add_argument('--refs', type=int, default=5)
     args = p.parse_args(argv)
 
-    from utils.metrics import score
+    from utils.evaluation.scoring import score
     rng = random.Random(0)
     preds = [sentence(rng) for _ in range(args.samples)]
     refs = [[sentence(rng) for _ in range(args.refs)] for _ in range(args.samples)]

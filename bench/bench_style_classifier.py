@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from utils.style_classifier import StyleClassifier
+from utils.evaluation.style_classifier import StyleClassifier
 
 
 def synthetic(rows: int, styles: int, seed: int = 0):

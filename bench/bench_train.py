@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def realistic_images(folder: str, n: int):
     from PIL import Image, ImageDraw
-    from utils.demo_data import COLOURS, SHAPES, STYLES, caption
+    from utils.demo.data import COLOURS, SHAPES, STYLES, caption
     rng = random.Random(0)
     os.makedirs(folder, exist_ok=True)
     rows = []
@@ -78,16 +78,16 @@ def main(argv=None) -> int:
     p.add_argument('--workers', type=int, default=2)
     args = p.parse_args(argv)
 
-    from utils.runtime import setup_logging
+    from utils.core.logs import setup_logging
     setup_logging()
     import torch
 
     from utils.training import trainer as assembly
-    from utils.conf import conf_from_dict, validate
-    from utils.data import read_split
-    from utils.demo_data import COLOURS, SHAPES, STYLES, caption
-    from utils.styles import StyleMap
-    from utils.tiny_model import build_tiny_ofa
+    from utils.core.conf import conf_from_dict, validate
+    from utils.data.rows import read_split
+    from utils.demo.data import COLOURS, SHAPES, STYLES, caption
+    from utils.data.styles import StyleMap
+    from utils.demo.tiny_model import build_tiny_ofa
 
     root = tempfile.mkdtemp(prefix='bench_train_')
     rows = realistic_images(f'{root}/images', args.images)

@@ -44,18 +44,18 @@ def main(argv=None) -> int:
     p.add_argument('--beam', type=int, default=3, help='beam size of validation')
     args = p.parse_args(argv)
 
-    from utils.runtime import setup_logging
+    from utils.core.logs import setup_logging
     setup_logging()
     import copy
 
     import torch
 
-    from utils.conf import conf_from_dict, validate
-    from utils.data import load_split
-    from utils.demo_data import COLOURS, SHAPES, STYLES, build_demo_data, caption
-    from utils.metrics import score, start_meteor, stop_meteor
-    from utils.styles import StyleMap
-    from utils.tiny_model import build_tiny_ofa
+    from utils.core.conf import conf_from_dict, validate
+    from utils.data.rows import load_split
+    from utils.demo.data import COLOURS, SHAPES, STYLES, build_demo_data, caption
+    from utils.evaluation.scoring import score, start_meteor, stop_meteor
+    from utils.data.styles import StyleMap
+    from utils.demo.tiny_model import build_tiny_ofa
     from utils.training import trainer as assembly
     from utils.training.validation import LiveCaptioner
 

@@ -9,14 +9,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from utils.demo_data import COLOURS, SHAPES, STYLES, build_demo_data, caption  # noqa: E402
+from utils.demo.data import COLOURS, SHAPES, STYLES, build_demo_data, caption  # noqa: E402
 
 SIZES = {'train': 24, 'val': 4, 'test': 8}
 
 
 @pytest.fixture(scope='session')
 def tiny_model(tmp_path_factory):
-    from utils.tiny_model import build_tiny_ofa
+    from utils.demo.tiny_model import build_tiny_ofa
     texts = [caption(st, c, s, alt) for st in STYLES for c in COLOURS for s in SHAPES for alt in (False, True)]
     return build_tiny_ofa(str(tmp_path_factory.mktemp('tiny_ofa')), texts, image_size=32)
 

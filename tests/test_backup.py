@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import pre_inference
-from utils import __version__, backup_model, runtime
-from utils.conf import read_conf
+from utils import __version__
+from utils.backup import backup as backup_model
+from utils.core.conf import read_conf
 
 ROOT = Path(__file__).resolve().parents[1]
 PATH_KEYS = ('img_addr', 'dataset_path', 'work_dir')
@@ -254,7 +255,7 @@ def test_bad_conf_and_untrained_work_dir(make_conf, trained, tmp_path, capsys):
 
 def test_existing_archive_is_never_overwritten(trained, tmp_path, monkeypatch):
     conf_path, _ = trained
-    monkeypatch.setattr(runtime, 'timestamp', lambda: '20990101_000000')
+    monkeypatch.setattr(backup_model, 'timestamp', lambda: '20990101_000000')
     name = backup_model.short_model_name(read_conf(conf_path).model_name) + '_20990101_000000'
     taken = tmp_path / f'{name}.tar.gz'
     taken.write_bytes(b'an older archive')
@@ -349,7 +350,7 @@ def test_unreadable_archives_exit_2(archive, tmp_path, capsys):
 
 
 def test_verify_does_not_import_torch(archive):
-    code = ('import sys; from utils import backup_model; rc = backup_model.main(["--verify", sys.argv[1]]); '
+    code = ('import sys; from utils.backup import backup as backup_model; rc = backup_model.main(["--verify", sys.argv[1]]); '
             'assert "torch" not in sys.modules and "modelscope" not in sys.modules; sys.exit(rc)')
     proc = subprocess.run([sys.executable, '-c', code, str(archive)], cwd=ROOT, capture_output=True, text=True,
                           check=False)
@@ -414,7 +415,7 @@ def test_restore_refuses_an_existing_target(archive, tmp_path, capsys):
 
 
 def test_backup_refused_while_training_holds_the_work_dir(trained, tmp_path, capsys):
-    from utils.checkpointing import WorkDirLock
+    from utils.core.workdir import WorkDirLock
     with WorkDirLock(str(trained[1])):
         assert backup_model.main(['--conf', trained[0], '-o', str(tmp_path / 'b')]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith('error: ')]

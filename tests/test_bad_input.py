@@ -11,8 +11,8 @@ from PIL import Image
 
 import finetune
 import pre_inference
-from utils import metrics
-from utils.checkpointing import WorkDirLock
+from utils.evaluation import scoring as metrics
+from utils.core.workdir import WorkDirLock
 
 
 def snapshot(directory):

@@ -5,7 +5,8 @@ import os
 import pytest
 
 import finetune
-from utils.conf import DEFAULT_PROMPT, Conf, ConfError, apply_overrides, read_conf, validate
+from utils.core.conf import DEFAULT_PROMPT, Conf, apply_overrides, read_conf, validate
+from utils.core.errors import ConfError
 
 
 def load(path):
@@ -118,7 +119,7 @@ def test_every_scalar_conf_key_is_a_train_flag_with_its_comment_as_help():
     import dataclasses
 
     import finetune
-    from utils.conf import conf_fields
+    from utils.core.conf import conf_fields
     fields = conf_fields()
     scalar = [f.name for f in dataclasses.fields(Conf) if not dataclasses.is_dataclass(f.type)
               and f.name not in ('columns', 'checkpoint', 'scst')]
@@ -139,7 +140,7 @@ def test_every_scalar_conf_key_is_a_train_flag_with_its_comment_as_help():
 ])
 def test_train_flags_override_only_what_is_given(argv, expected):
     import finetune
-    from utils.conf import conf_overrides
+    from utils.core.conf import conf_overrides
     args = finetune.build_parser().parse_args(['train', '--conf', 'c.json', *argv])
     assert conf_overrides(args) == expected
 
@@ -148,8 +149,8 @@ def test_every_entry_point_takes_its_sections_keys_as_flags():
     import finetune
     import pre_inference
     import web_demo
-    from utils import backup_model
-    from utils.conf import conf_overrides
+    from utils.backup import backup as backup_model
+    from utils.core.conf import conf_overrides
     caption = ['--conf', 'c.json', '--beam_size', '2', '--precision', 'bf16', '-b', '7']
     want = {'beam_size': 2, 'precision': 'bf16', 'batch_size': 7}
     assert conf_overrides(pre_inference.build_parser().parse_args(caption)) == want

@@ -5,7 +5,9 @@ import logging
 import pytest
 from PIL import Image
 
-from utils.data import DataError, check_image, read_split, read_styles
+from utils.core.errors import DataError
+from utils.data.images import check_image
+from utils.data.rows import read_split, read_styles
 
 
 def write_rows(path, rows):

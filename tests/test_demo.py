@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import finetune
-from utils.conf import load_conf
+from utils.core.conf import load_conf
 from conftest import ROOT
 
 

@@ -71,8 +71,8 @@ def test_json_list_in_order_with_two_styles_for_one_image(trained, test_rows, tm
 
 
 def test_batching_does_not_change_captions(trained, test_rows):
-    from utils.captioner import load_captioner
-    from utils.conf import read_conf
+    from utils.captioning.captioner import load_captioner
+    from utils.core.conf import read_conf
     conf, rows = test_rows
     captioner = load_captioner(read_conf(trained[0]))
     items = [{'style': r['personality'], 'image': str(Path(conf['img_addr']) / (r['image_hash'] + '.jpg'))}
@@ -126,7 +126,7 @@ def test_eval_writes_metrics_and_csv(trained, tmp_path, capsys):
 def test_eval_file_has_the_inference_schema_and_rescores_to_the_same_figures(trained, tmp_path):
     """One result schema: eval_*.json is an inference file (plus metrics), and `python -m utils.metrics`
     scores it through the same code, to the same figures."""
-    from utils import metrics
+    from utils.evaluation import scoring as metrics
     assert finetune.main(['eval', '--conf', trained[0], '-n', '6']) == 0
     path = newest(trained[1], 'eval_*.json')
     result = json.loads(path.read_text())
@@ -152,7 +152,7 @@ def test_fast_generation_gives_the_stock_generators_captions_and_scores(trained,
     SequenceGenerator on the same trained model: same beams, same scores (to float rounding)."""
     import torch
 
-    from utils.captioner import Captioner
+    from utils.captioning.captioner import Captioner
     conf, rows = test_rows
     model_dir = str(Path(conf['work_dir']) / 'output')
     items = [{'style': s, 'image': str(Path(conf['img_addr']) / (r['image_hash'] + '.jpg'))}
@@ -201,8 +201,8 @@ def test_captioning_in_bf16(trained, test_rows):
     """precision bf16: generation runs under autocast (the decoder's logits are bf16) and still captions."""
     import torch
 
-    from utils.captioner import load_captioner
-    from utils.conf import apply_overrides, read_conf
+    from utils.captioning.captioner import load_captioner
+    from utils.core.conf import apply_overrides, read_conf
     conf, rows = test_rows
     captioner = load_captioner(apply_overrides(read_conf(trained[0]), precision='bf16'))
     seen = set()

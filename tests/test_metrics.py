@@ -19,7 +19,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from utils import metrics
+from utils.evaluation import scoring as metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_MISSING_SPICE_JARS = metrics.missing_spice_jars  # before the module fixture patches it

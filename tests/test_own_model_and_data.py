@@ -13,8 +13,9 @@ import pytest
 
 import finetune
 import pre_inference
-from utils import backup_model
-from utils.data import DataError, read_split, write_rows
+from utils.backup import backup as backup_model
+from utils.core.errors import DataError
+from utils.data.rows import read_split, write_rows
 
 # ModelScope's own OFA captioning fine-tuning recipe: the `finetune_cfg` that ModelScope's
 # tests/trainers/test_ofa_trainer.py writes as the model's configuration.json before training
@@ -112,7 +113,7 @@ def test_model_dirs_users_bring_train_eval_caption_and_back_up(variant, tiny_mod
 
 def test_column_map_of_the_model_does_not_rename_the_toolkits_columns(tiny_model, tmp_path):
     from preprocessors import OfaPreprocessorForStylishIC
-    from utils.styles import StyleMap
+    from utils.data.styles import StyleMap
     from conftest import STYLES
     model = make_model_dir(tiny_model, tmp_path / 'm', MODELSCOPE_RECIPE)
     sm = StyleMap.build(list(STYLES), True, ' what does the image describe? write a {} reply.')
@@ -127,7 +128,7 @@ def test_column_map_of_the_model_does_not_rename_the_toolkits_columns(tiny_model
 @pytest.fixture(scope='module')
 def model_256(tmp_path_factory):
     """The tiny model with position buckets for 256 px images, in the recipe's configuration shape."""
-    from utils.tiny_model import build_tiny_ofa
+    from utils.demo.tiny_model import build_tiny_ofa
     from conftest import COLOURS, SHAPES, STYLES, caption
     texts = [caption(st, c, s, alt) for st in STYLES for c in COLOURS for s in SHAPES for alt in (False, True)]
     model = build_tiny_ofa(str(tmp_path_factory.mktemp('tiny_256')), texts, image_size=256)
@@ -216,7 +217,7 @@ def _write(fmt, rows, path):
 
 @pytest.mark.parametrize('fmt', ['csv', 'jsonl', 'parquet'])
 def test_own_data_files_through_a_columns_map(fmt, pcap, tmp_path):
-    from utils.conf import Columns
+    from utils.core.conf import Columns
     rows, good = _own_rows(pcap[1])
     path = _write(fmt, rows, tmp_path / f'test.{fmt}')
     kept, stats = read_split(path, pcap[1], '.jpg', 'test', columns=Columns(**COLUMNS))
@@ -234,7 +235,7 @@ def test_own_data_files_through_a_columns_map(fmt, pcap, tmp_path):
 
 def test_csv_cells_stay_text(pcap, tmp_path):
     """An image id of digits (0012) must not become the number 12."""
-    from utils.conf import Columns
+    from utils.core.conf import Columns
     img = next(Path(pcap[1]).glob('*.jpg'))
     shutil.copy(img, tmp_path / '0012.jpg')
     path = tmp_path / 'train.csv'

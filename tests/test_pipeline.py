@@ -12,7 +12,7 @@ from PIL import Image
 import pre_inference
 import preprocessors
 from preprocessors import STYLISH_IC_PIPELINE, STYLISH_IC_PREPROCESSOR, StylishImageCaptioningPipeline
-from utils.styles import UnknownStyleError
+from utils.core.errors import UnknownStyleError
 
 
 @pytest.fixture(scope='module')

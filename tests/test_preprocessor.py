@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from utils.conf import DEFAULT_PROMPT
-from utils.styles import StyleMap, UnknownStyleError
+from utils.core.conf import DEFAULT_PROMPT
+from utils.data.styles import StyleMap
+from utils.core.errors import UnknownStyleError
 
 STYLES = ['Happy', 'Sarcastic', 'Anxious (Nervous)']
 
@@ -89,7 +90,7 @@ def test_saved_with_model_and_reloaded(tiny_model, tmp_path, image):
 def test_image_cache_gives_identical_samples_and_is_reused(tiny_model, pcap, tmp_path, caplog):
     import logging
 
-    from utils.image_cache import ImageCache
+    from utils.data.image_cache import ImageCache
     images = [f'{pcap[1]}/train{i:04d}.jpg' for i in range(6)]
     plain = make(tiny_model, True, mode='train')
     cached = make(tiny_model, True, mode='train')
@@ -116,8 +117,8 @@ def test_a_row_that_breaks_only_at_decode_time_is_replaced_by_the_next(tiny_mode
     during a long run): the train dataset logs it, counts it and hands the next row's sample instead."""
     import shutil
 
-    from utils.data import check_image
-    from utils.dataset import StylishCaptionDataset
+    from utils.data.images import check_image
+    from utils.data.dataset import StylishCaptionDataset
     pre = make(tiny_model, True, mode='train')
     breaks = tmp_path / 'breaks.jpg'
     shutil.copy(f'{pcap[1]}/train0000.jpg', breaks)

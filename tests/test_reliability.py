@@ -13,8 +13,9 @@ import pytest
 import finetune
 import pre_inference
 from conftest import ROOT, read_log_json
-from utils.checkpointing import WorkDirLock, checkpoints_in, resolve_checkpoint
-from utils.conf import ConfError
+from utils.core.workdir import WorkDirLock
+from utils.training.resume import checkpoints_in, resolve_checkpoint
+from utils.core.errors import ConfError
 
 
 def test_second_training_run_on_a_work_dir_in_use_is_refused(make_conf, capsys):

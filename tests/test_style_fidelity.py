@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 import finetune
-from utils import curves, style_classifier as sc
-from utils.data import read_split
-from utils.metrics import main as metrics_main
-from utils.report import render
+from utils.evaluation import curves, style_classifier as sc
+from utils.data.rows import read_split
+from utils.evaluation.scoring import main as metrics_main
+from utils.evaluation.report import render
 
 FIGURES = ('style_accuracy_top1', 'style_accuracy_top5', 'reference_style_accuracy_top1',
            'reference_style_accuracy_top5', 'style_chance_top1')
@@ -109,7 +109,7 @@ def styled(tmp_path_factory, tiny_model, pcap):
     Its data set says the same thing (a red cross) in each style's words on every image, so the style is
     all there is to learn: 180 iterations teach it 3 or 4 of the 4 styles (the full demo data set would
     take the demo's 480 iterations)."""
-    from utils.demo_data import STYLES, caption
+    from utils.demo.data import STYLES, caption
     tmp = tmp_path_factory.mktemp('styled')
     data = tmp / 'data'
     data.mkdir()

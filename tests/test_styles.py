@@ -1,8 +1,9 @@
 """The style map: built once, saved with the model, reloaded at inference, matched exactly."""
 import pytest
 
-from utils.conf import DEFAULT_PROMPT
-from utils.styles import StyleMap, UnknownStyleError
+from utils.core.conf import DEFAULT_PROMPT
+from utils.data.styles import StyleMap
+from utils.core.errors import UnknownStyleError
 
 STYLES = ['Happy', 'Anxious (Nervous)', 'Old-fashioned', 'Money-minded', 'Sweet (Kind)', 'happy']
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import finetune
-from utils.conf import ConfError
+from utils.core.errors import ConfError
 from utils.training import trainer as assembly
 from conftest import read_log_json
 

@@ -67,9 +67,9 @@ def test_cider_document_frequencies_are_cached(tmp_path, monkeypatch):
 @pytest.fixture(scope='module')
 def built(trained):
     """A real OFATrainer (stage scst) on the trained model, with its conf and rows."""
-    from utils.conf import apply_overrides, read_conf, validate
-    from utils.data import load_split
-    from utils.styles import StyleMap
+    from utils.core.conf import apply_overrides, read_conf, validate
+    from utils.data.rows import load_split
+    from utils.data.styles import StyleMap
     from utils.training import trainer as assembly
 
     conf_path, work = trained
@@ -151,7 +151,7 @@ def same_weights(a, b):
 def test_validation_keeps_the_best_not_the_last(built, tmp_path):
     """A better model validated first, a worse (re-initialised) one second: output_best keeps the first;
     resumed, the best survives; the live generator captions as Captioner(output_best) does."""
-    from utils.captioner import Captioner
+    from utils.captioning.captioner import Captioner
     from utils.training.validation import ValidationHook
     conf, trainer, rows, style_map = built
     conf = dataclasses.replace(conf, work_dir=str(tmp_path), stage='ce')
@@ -232,7 +232,7 @@ def test_training_validates_and_output_best_is_a_usable_model(trained, make_conf
     assert pre_inference.main(['--conf', conf, '-m', str(work / 'output_best'), '-o', str(out), '-n', '4']) == 0
     result = json.loads(next(out.glob('inference_*.json')).read_text())
     assert result['model_name'] == str(work / 'output_best')
-    from utils.captioner import Captioner
+    from utils.captioning.captioner import Captioner
     c = json.loads(Path(conf).read_text())
     captioner = Captioner(str(work / 'output_best'), beam_size=c['beam_size'], max_len=c['max_len'],
                           model_cfg={'patch_image_size': 32, 'max_image_size': 32})
@@ -241,7 +241,7 @@ def test_training_validates_and_output_best_is_a_usable_model(trained, make_conf
 
     assert finetune.main(['eval', '--conf', conf, '-m', str(work / 'output_best'), '-n', '4']) == 0
     assert json.loads(next(work.glob('eval_*.json')).read_text())['model'] == str(work / 'output_best')
-    from utils import backup_model
+    from utils.backup import backup as backup_model
     assert backup_model.main(['--conf', conf, '-m', str(work / 'output_best'), '-o', str(tmp_path / 'bak')]) == 0
     archive = next((tmp_path / 'bak').glob('*.tar.gz'))
     assert backup_model.main(['--verify', str(archive)]) == 0

@@ -88,8 +88,8 @@ def app(trained, random_output, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def captioner(trained, random_output):
-    from utils.captioner import load_captioner
-    from utils.conf import read_conf
+    from utils.captioning.captioner import load_captioner
+    from utils.core.conf import read_conf
     return load_captioner(read_conf(trained[0]), random_output)
 
 
@@ -179,8 +179,8 @@ def test_caption_in_the_browser_equals_the_captioner(browser, app, captioner, co
 def test_all_styles_for_a_sample(browser, app, captioner, trained):
     from selenium.webdriver.common.by import By
 
-    from utils.conf import read_conf
-    from utils.data import load_split
+    from utils.core.conf import read_conf
+    from utils.data.rows import load_split
     rows, _ = load_split(read_conf(trained[0]), 'test')
     second = list(dict.fromkeys(r['image'] for r in rows))[1]  # the app's second sample
     expected = captioner.caption([{'style': s, 'image': second} for s in STYLES], progress=False)
@@ -245,7 +245,7 @@ def test_the_model_is_loaded_once(app):
 
 def test_set_generation_equals_a_captioner_built_with_those_settings(captioner, random_output, conf):
     """What the page's controls do (no browser needed)."""
-    from utils.captioner import Captioner
+    from utils.captioning.captioner import Captioner
     items = [{'style': s, 'image': str(Path(conf['img_addr'], 'test0002.jpg'))} for s in STYLES]
     generation = dict(captioner.generation)
     captioner.set_generation(beam_size=2, max_len=5, no_repeat_ngram_size=0)

@@ -12,10 +12,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main():
     conf_path, out = sys.argv[1:3]
-    from utils import distributed
-    from utils.conf import apply_overrides, read_conf, validate
-    from utils.data import load_split
-    from utils.styles import StyleMap
+    from utils.core import distributed
+    from utils.core.conf import apply_overrides, read_conf, validate
+    from utils.data.rows import load_split
+    from utils.data.styles import StyleMap
     from utils.training import trainer as assembly
     from utils.training.validation import ValidationHook, load_val_rows
 

@@ -40,7 +40,7 @@ class AtomicCheckpointProcessor(CheckpointProcessor):
         ``pipeline()`` captions with a style: ModelScope's ``prepare_output`` has just reset ``pipeline.type`` to
         the task, and a hub model names the stock preprocessor. The file is dumped once, with these values in
         it; the trainer's own cfg is left as it is."""
-        from preprocessors import STYLISH_IC_PIPELINE, STYLISH_IC_PREPROCESSOR
+        from utils.core.layout import STYLISH_IC_PIPELINE, STYLISH_IC_PREPROCESSOR
         config = copy.deepcopy(config)
         config['pipeline'] = {'type': STYLISH_IC_PIPELINE}
         config['preprocessor'] = {'type': STYLISH_IC_PREPROCESSOR}

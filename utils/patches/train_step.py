@@ -28,8 +28,8 @@ from modelscope.trainers.hooks.hook import Hook
 from modelscope.trainers.hooks.optimizer.base import OptimizerHook, OptimizerProcessor
 from modelscope.utils.constant import DistributedParallelType
 
-from utils.distributed import HOOK_TYPE, init, local_rank
-from utils.runtime import autocast
+from utils.core.distributed import HOOK_TYPE, init, local_rank
+from utils.core.device import autocast
 
 BUCKET_BYTES = 32 << 20
 

@@ -20,8 +20,8 @@ import os
 import shutil
 from typing import Optional
 
-from utils.conf import BEST_DIR
-from utils.runtime import write_json_atomic
+from utils.core.layout import BEST_DIR
+from utils.core.io import write_json_atomic
 
 logger = logging.getLogger(__name__)
 BEST_FILE = 'best.json'  # inside output_best/

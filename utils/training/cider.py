@@ -16,12 +16,11 @@ import json
 import logging
 import math
 import os
-import string
 from collections import Counter, defaultdict
 from typing import Dict, List, Sequence, Tuple
 
-from utils.runtime import write_json_atomic
-from utils.style_classifier import normalise
+from utils.core.io import write_json_atomic
+from utils.evaluation.style_classifier import normalise
 
 logger = logging.getLogger(__name__)
 N = 4

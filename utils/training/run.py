@@ -1,12 +1,14 @@
-"""``finetune.py train``: build the trainer for the conf's stage, train, write the run summary."""
+"""``finetune.py train``: build the trainer for the conf's stage, train, and return the run summary (the entry
+point writes it to work_dir/train_{time}.json)."""
 from __future__ import annotations
 
 import logging
 import os
 from typing import List, Optional
 
-from utils import distributed
-from utils.conf import OUTPUT_DIR, Conf
+from utils.core import distributed
+from utils.core.layout import OUTPUT_DIR
+from utils.core.conf import Conf
 from utils.training import trainer as assembly
 
 logger = logging.getLogger('finetune')  # the name users see on finetune.py train's log lines
@@ -14,9 +16,9 @@ logger = logging.getLogger('finetune')  # the name users see on finetune.py trai
 
 def train(conf: Conf, checkpoint: Optional[str], stamp: str, rows: List[dict], stats, style_map,
           val_rows: Optional[List[dict]] = None) -> dict:
-    """Train the conf's stage on rows; with val_rows, validate and keep work_dir/output_best as it goes."""
+    """Train the conf's stage on rows; with val_rows, validate and keep work_dir/output_best as it goes.
+    Returns the run summary (the resolved conf, data counts, iterations, the best validation)."""
     from utils.patches.checkpoints import trainer_state_loading
-    from utils.runtime import unique_path, write_json_atomic
     from utils.training.validation import ValidationHook
 
     model_dir = assembly.model_dir_of(conf)
@@ -42,37 +44,6 @@ def train(conf: Conf, checkpoint: Optional[str], stamp: str, rows: List[dict], s
     if distributed.launched():
         summary['world_size'] = distributed.world_size()
         if not distributed.is_main():
-            return summary  # rank 0 writes the summary and reports
+            return summary  # rank 0 reports
     logger.info('trained model: %s', output)
-    if conf.demo:
-        summary['demo'] = demo_report(conf, output)
-    write_json_atomic(unique_path(conf.work_dir, 'train', stamp), summary)
     return summary
-
-
-def demo_report(conf: Conf, output: str) -> dict:
-    """Demo only: caption every held-out test image in every style; how often is the style followed?"""
-    from utils.captioner import Captioner
-    from utils.data import load_split
-    from utils.demo_data import COLOURS, SHAPES, STYLES, content_correct, style_followed
-
-    rows, _ = load_split(conf, 'test')
-    images = sorted({r['image'] for r in rows})
-    items = [{'image': img, 'style': s} for img in images for s in STYLES]
-    captioner = Captioner(output, beam_size=conf.beam_size, max_len=conf.max_len,
-                          no_repeat_ngram_size=conf.no_repeat_ngram_size, precision=conf.precision)
-    caps = captioner.caption(items, batch_size=32)
-    truth = {r['image']: r['text'] for r in rows}
-    followed = content = 0
-    for item, cap in zip(items, caps):
-        followed += style_followed(item['style'], cap)
-        words = truth[item['image']].split()  # every template ends "... {colour} {shape} ..."
-        colour = next(w for w in words if w in COLOURS)
-        shape = next(w for w in words if w in SHAPES)
-        content += content_correct(colour, shape, cap)
-    for item, cap in list(zip(items, caps))[:8]:
-        logger.info('  %-10s %-28s -> %s', item['style'], os.path.basename(item['image']), cap)
-    report = {'captions': len(items), 'style_followed': followed, 'content_correct': content}
-    logger.info('demo: %d/%d held-out captions follow the requested style, %d/%d name the right colour '
-                'and shape', followed, len(items), content, len(items))
-    return report

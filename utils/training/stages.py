@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Dict, List
 
-from utils.dataset import StylishCaptionDataset
+from utils.data.dataset import StylishCaptionDataset
 
 logger = logging.getLogger(__name__)
 

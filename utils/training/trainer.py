@@ -10,8 +10,9 @@ import logging
 import os
 from typing import List
 
-from utils import distributed
-from utils.conf import OUTPUT_DIR, Conf
+from utils.core import distributed
+from utils.core.layout import OUTPUT_DIR
+from utils.core.conf import Conf
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def make_cfg_modify_fn(conf: Conf):
 def build_trainer(conf: Conf, rows: List[dict], style_map, model_dir: str):
     from modelscope.trainers.multi_modal.ofa.ofa_trainer import OFATrainer
 
-    from preprocessors import OfaPreprocessorForStylishIC
+    from utils.captioning.preprocessor import OfaPreprocessorForStylishIC
     from utils.patches.checkpoints import use_atomic_checkpoints
     from utils.patches.hub_check import no_hub_check_for_local_model
     from utils.training.stages import STAGES
@@ -83,7 +84,7 @@ def build_trainer(conf: Conf, rows: List[dict], style_map, model_dir: str):
         for split, mode in (('train', 'train'), ('val', 'eval'))
     }
     if conf.image_cache:
-        from utils.image_cache import ImageCache
+        from utils.data.image_cache import ImageCache
         train = preprocessor['train'].preprocess
         images = [r['image'] for r in rows]
         if not distributed.is_main():  # rank 0 builds the cache; the others open it once it is complete

@@ -27,9 +27,10 @@ from typing import List, Optional
 from modelscope.trainers.hooks.hook import Hook
 from modelscope.trainers.hooks.priority import Priority
 
-from utils import distributed
-from utils.conf import VAL_METRICS, VAL_METRICS_FILE
-from utils.curves import draw_curves  # never raises: a plot never stops a run
+from utils.core import distributed
+from utils.core.conf import VAL_METRICS
+from utils.core.layout import VAL_METRICS_FILE
+from utils.evaluation.curves import draw_curves  # never raises: a plot never stops a run
 
 logger = logging.getLogger(__name__)
 LOGGED = ('CIDEr', 'Bleu_4', 'METEOR', 'ROUGE_L')  # the figures of the log line
@@ -38,7 +39,7 @@ LOGGED = ('CIDEr', 'Bleu_4', 'METEOR', 'ROUGE_L')  # the figures of the log line
 def load_val_rows(conf, style_map) -> List[dict]:
     """The val rows validation captions (the first ``val_max_samples``), read before training starts. Rows of
     a style the model is not trained with cannot be captioned: they are skipped, counted and named."""
-    from utils.data import load_split
+    from utils.data.rows import load_split
 
     rows, _ = load_split(conf, 'val', limit=conf.val_max_samples)
     known = [r for r in rows if r['style'] in style_map.tokens]
@@ -47,7 +48,7 @@ def load_val_rows(conf, style_map) -> List[dict]:
         logger.warning('val: %d rows skipped, their style is not among the train styles: %s',
                        len(rows) - len(known), ', '.join(unknown[:5]) + (', ...' if len(unknown) > 5 else ''))
     if not known:
-        from utils.data import DataError
+        from utils.core.errors import DataError
         raise DataError(f'val file {conf.split_path("val")}: no row has a style of the train split')
     return known
 
@@ -64,7 +65,7 @@ class LiveCaptioner:
         self.captioner = None
 
     def caption(self, trainer, items: List[dict]) -> List[str]:
-        from utils.captioner import Captioner
+        from utils.captioning.captioner import Captioner
 
         model = trainer.unwrap_module(trainer.model)
         was_training = model.training  # (building the Captioner puts the model in eval mode)
@@ -150,7 +151,7 @@ class ValidationHook(Hook):
 
     def close(self) -> None:
         if self.meteor is not None:
-            from utils.metrics import stop_meteor
+            from utils.evaluation.scoring import stop_meteor
             stop_meteor(self.meteor)
             self.meteor = None
 
@@ -166,7 +167,7 @@ class ValidationHook(Hook):
         if captions is None:  # not rank 0: rank 0 scores and writes
             distributed.barrier()
             return None
-        from utils.metrics import score, start_meteor
+        from utils.evaluation.scoring import score, start_meteor
         if self.meteor is None:
             self.meteor = start_meteor()
         scores = score(captions, [r['references'] for r in self.rows], spice=self.conf.val_spice, meteor=self.meteor)

@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from utils.runtime import autocast, first_line, pick_device
+from utils.core.device import autocast, pick_device
+from utils.core.errors import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class Captioner:
                  fast: bool = True, precision: str = 'fp32', style_map=None):
         from modelscope.models import Model
 
-        from preprocessors import OfaPreprocessorForStylishIC
+        from utils.captioning.preprocessor import OfaPreprocessorForStylishIC
 
         if isinstance(model, str):
             kwargs = {'revision': revision} if revision else {}
@@ -101,7 +102,9 @@ def _collate(samples, pad_idx, eos_idx):
 
 def trained_model_dir(conf, model: Optional[str] = None) -> str:
     """The model to caption with: ``model`` (a dir or hub id) or the trained ``{work_dir}/output``."""
-    from utils.conf import OUTPUT_DIR, ConfError, is_local_model
+    from utils.core.layout import OUTPUT_DIR
+    from utils.core.errors import ConfError
+    from utils.core.conf import is_local_model
     if model is None:
         model = os.path.join(conf.work_dir, OUTPUT_DIR)
         if not os.path.isdir(model):
@@ -117,7 +120,7 @@ def load_captioner(conf, model: Optional[str] = None, checkpoint: Optional[str] 
                    revision: Optional[str] = None) -> Captioner:
     """A Captioner for conf's generation settings; ``checkpoint`` (a CheckpointHook ``iter_N.pth``)
     replaces the model dir's weights, through ModelScope's own checkpoint loader."""
-    from utils.conf import ConfError
+    from utils.core.errors import ConfError
 
     model_dir = trained_model_dir(conf, model)
     try:

@@ -28,7 +28,8 @@ from modelscope.pipelines.builder import PIPELINES
 from modelscope.utils.constant import Tasks
 from PIL import Image
 
-STYLISH_IC_PIPELINE = 'ofa-stylish-image-captioning'
+from utils.core.layout import STYLISH_IC_PIPELINE
+
 GENERATION_KEYS = {'beam_size': 'beam_size', 'max_len_b': 'max_len', 'no_repeat_ngram_size': 'no_repeat_ngram_size'}
 
 
@@ -60,7 +61,7 @@ class StylishImageCaptioningPipeline(Pipeline):
         from modelscope.utils.device import create_device
         from modelscope.utils.hub import read_config
 
-        from utils.captioner import Captioner
+        from utils.captioning.captioner import Captioner
 
         if preprocessor is not None:
             raise ValueError(f'the {STYLISH_IC_PIPELINE} pipeline builds its own preprocessor from the model dir '

@@ -21,9 +21,9 @@ from modelscope.preprocessors.ofa.utils.constant import OFA_TASK_KEY_MAPPING
 from modelscope.utils.config import Config
 from modelscope.utils.constant import Fields, ModeKeys, ModelFile, Tasks
 
-from utils.styles import StyleMap
+from utils.core.layout import STYLISH_IC_PREPROCESSOR
+from utils.data.styles import StyleMap
 
-STYLISH_IC_PREPROCESSOR = 'ofa-stylish-image-captioning-preprocessor'
 COLUMNS = {'image': 'image', 'text': 'text', 'style': 'style'}  # the fields of a row (utils/data.py)
 
 

@@ -2,18 +2,16 @@
 Writing them so that a kill never leaves a half-written one: utils/patches/checkpoints.py."""
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import re
 from typing import List, Optional, Tuple
 
-from utils.conf import ConfError
+from utils.core.errors import ConfError
 
 logger = logging.getLogger(__name__)
 CKPT_NAME = re.compile(r'^(iter|epoch)_(\d+)\.pth$')
 TRAINER_STATE = '_trainer_state.pth'
-LOCK_FILE = '.train.lock'
 
 
 def checkpoints_in(work_dir: str) -> List[Tuple[int, str]]:
@@ -35,7 +33,7 @@ def readable(prefix: str) -> Optional[str]:
     import torch
 
     from utils.patches.checkpoints import trainer_state_loading
-    from utils.runtime import first_line
+    from utils.core.errors import first_line
     try:
         torch.load(prefix + '.pth', map_location='cpu', weights_only=True, mmap=True)
         with trainer_state_loading():
@@ -68,32 +66,3 @@ def resolve_checkpoint(arg: Optional[str], work_dir: str) -> Optional[str]:
     if problem is not None:
         raise ConfError(f'checkpoint {arg} cannot be loaded: {problem}')
     return prefix
-
-
-class WorkDirLock:
-    """One training run per work_dir: an exclusive flock on work_dir/.train.lock. The kernel drops the
-    lock when the process ends, however it ends, so a killed run never leaves it stuck."""
-
-    def __init__(self, work_dir: str):
-        self.path = os.path.join(work_dir, LOCK_FILE)
-        self.fd = None
-
-    def __enter__(self):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors='replace').strip() or '?'
-            os.close(fd)
-            raise ConfError(f'work_dir {os.path.dirname(self.path)} is in use by another training run '
-                            f'(pid {holder}); wait for it to end or choose another work_dir') from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self.fd = fd
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
-        self.fd = None

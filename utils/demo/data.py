@@ -99,7 +99,7 @@ def content_correct(colour: str, shape: str, text: str) -> bool:
 
 def ensure_demo_assets(model_dir: str, dataset_path: str, img_addr: str, image_size: int = 64) -> None:
     """Build the demo data set and tiny model where they are missing (deterministic, offline)."""
-    from utils.tiny_model import build_tiny_ofa
+    from utils.demo.tiny_model import build_tiny_ofa
 
     if not all((Path(dataset_path) / f'{s}.json').is_file() for s in SPLITS):
         build_demo_data(dataset_path, img_addr)

@@ -39,11 +39,12 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from utils.runtime import BadInput, read_json
+from utils.core.errors import BadInput
+from utils.core.layout import CLASSIFIER_DIR
+from utils.core.io import read_json
 
 logger = logging.getLogger(__name__)
 
-CLASSIFIER_DIR = 'style_classifier'
 FORMAT = 1
 # Classifier settings; part of the cache key, so changing one retrains.
 SETTINGS = {
@@ -265,7 +266,8 @@ def classifier_for_rows(rows: Sequence[dict], work_dir: str, model_dir: Optional
 def classifier_for_conf(conf, model_dir: Optional[str] = None) -> Tuple[Optional[StyleClassifier], str]:
     """(classifier or None, status line) for a conf: trained on (or cached for) its train split; when the
     train split cannot be read, the copy kept in model_dir, whatever data it was trained on."""
-    from utils.data import DataError, load_split
+    from utils.core.errors import DataError
+    from utils.data.rows import load_split
 
     try:
         rows, _ = load_split(conf, 'train', check_images=False)

@@ -11,32 +11,17 @@ Styles match exactly: no case folding or trimming on one side only.
 """
 from __future__ import annotations
 
-import difflib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
-from utils.runtime import BadInput
+from utils.core.errors import UnknownStyleError
+from utils.core.layout import STYLE_MAP_FILE
 
-STYLE_MAP_FILE = 'style_map.json'
 CODE_TOKEN = re.compile(r'<code_(\d+)>')
 MAX_STYLE_TOKENS = 8192
-
-
-class UnknownStyleError(BadInput, KeyError):
-    def __init__(self, style: str, known: Iterable[str], where: str = ''):
-        known = list(known)
-        near = difflib.get_close_matches(style, known, n=3, cutoff=0.5)
-        hint = f'; nearest known: {", ".join(repr(s) for s in near)}' if near else ''
-        prefix = f'{where}: ' if where else ''
-        super().__init__(f'{prefix}unknown style {style!r} (the model was trained with {len(known)} styles{hint})')
-        self.style = style
-        self.nearest = near
-
-    def __str__(self):
-        return self.args[0]
 
 
 @dataclass
@@ -108,7 +93,7 @@ def training_style_map(styles: List[str], tokenize_style: bool, prompt: Optional
     keeps its map: its styles keep their tokens and styles it lacks are appended after them. Its
     ``tokenize_style`` and prompt must not change (each token would silently change meaning): a conf that
     asks otherwise is an error (ConfError) naming the key. ``prompt`` empty/None: the model's own."""
-    from utils.conf import ConfError
+    from utils.core.errors import ConfError
 
     if model_dir is None or not (Path(model_dir) / STYLE_MAP_FILE).is_file():
         return StyleMap.build(styles, tokenize_style, prompt or default_prompt)

@@ -9,30 +9,24 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
-from PIL import Image
 from tqdm import tqdm
 
-from utils.conf import Columns
-from utils.runtime import BadInput, first_line, read_json
+from utils.core.conf import Columns
+from utils.core.errors import DataError, first_line
+from utils.core.layout import DATA_SUFFIXES, PERSONALITIES_FILE
+from utils.data.images import check_image, image_path
+from utils.core.io import read_json
 
 logger = logging.getLogger(__name__)
 
-PERSONALITIES_FILE = 'personalities.txt'
-JPEG_EOI = b'\xff\xd9'
 PROGRESS_FROM = 2000  # image checks show a progress bar from this many images on
 PROGRESS_ROWS = 50_000  # reading shows a progress bar from this many rows on
-MAX_PIXELS = 50_000_000  # larger images (decompression bombs, panoramas) are skipped
-
-
-class DataError(BadInput, ValueError):
-    """A data problem, worded for the user: names the file (and row)."""
 
 
 @dataclass
@@ -49,46 +43,6 @@ class SplitStats:
 
     def to_dict(self) -> dict:
         return {'rows': self.rows, 'kept': self.kept, 'skipped': dict(self.skipped)}
-
-
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
-
-
-def image_path(img_addr: str, value: str, file_attr: str) -> str:
-    """Where a row's image is: an absolute path as it is; a value that already ends in file_attr or an image
-    suffix (``abc.png``) inside img_addr; otherwise img_addr + value + file_attr (PCap's ``image_hash``).
-    A trailing separator on img_addr does not matter."""
-    if os.path.isabs(value):
-        return value
-    if value.lower().endswith(file_attr.lower()) or os.path.splitext(value)[1].lower() in IMAGE_SUFFIXES:
-        return os.path.join(img_addr, value)
-    return os.path.join(img_addr, value + file_attr)
-
-
-def check_image(path: str) -> Optional[str]:
-    """None if the image can be used, else the reason it cannot (without decoding every pixel)."""
-    try:
-        size = os.path.getsize(path)
-    except OSError:
-        return 'image missing'
-    if size == 0:
-        return 'image empty'
-    try:
-        with Image.open(path) as im:  # reads the header only
-            if im.size[0] * im.size[1] > MAX_PIXELS:
-                return 'image too large'
-            if im.format != 'JPEG':
-                im.load()  # no cheap truncation marker: decode for real
-                return None
-        with open(path, 'rb') as f:  # a truncated JPEG has lost its end-of-image marker
-            f.seek(max(0, size - 64))
-            if JPEG_EOI not in f.read():
-                return 'image truncated'
-    except Image.DecompressionBombError:
-        return 'image too large'
-    except Exception:  # noqa: BLE001 - PIL raises many kinds for a bad file
-        return 'image unreadable'
-    return None
 
 
 def _text(row: dict, column: str) -> Tuple[Optional[str], Optional[str]]:
@@ -143,7 +97,6 @@ def _parse_row(row, columns: Columns, with_refs: bool) -> Tuple[Optional[dict], 
 
 
 TABULAR = {'.csv': 'csv', '.jsonl': 'json', '.parquet': 'parquet'}
-SUFFIXES = ('.json',) + tuple(TABULAR)
 
 
 def _json_records(path: Path, split: str, limit: Optional[int]) -> Tuple[int, Iterator[Tuple[int, object]]]:
@@ -220,7 +173,7 @@ def write_rows(path, rows: List[dict]) -> Path:
         import pyarrow.parquet as pq
         pq.write_table(pa.Table.from_pylist(rows), path)
     else:
-        raise ValueError(f'{path}: not one of {", ".join(SUFFIXES)}')
+        raise ValueError(f'{path}: not one of {", ".join(DATA_SUFFIXES)}')
     return path
 
 

@@ -67,7 +67,7 @@ def _bar(value, colour: str) -> str:
 
 
 def _metrics_table(metrics: dict) -> str:
-    from utils.metrics import METRIC_NAMES
+    from utils.evaluation.scoring import METRIC_NAMES
     rows = ''.join(f'<tr><td>{_e(n)}</td><td>{_e(_pct(metrics.get(n)))}</td></tr>'
                    for n in METRIC_NAMES if n in metrics)
     note = f'<p class="meta">{_e(metrics.get("spice_status"))}</p>' if metrics.get('SPICE') is None else ''
@@ -91,7 +91,7 @@ def _style_section(metrics: dict) -> str:
 
 
 def _curves_section(work_dir: str) -> str:
-    from utils.curves import current_curves
+    from utils.evaluation.curves import current_curves
     imgs = []
     for path in current_curves(work_dir):
         try:
@@ -155,7 +155,7 @@ chance is guessing uniformly among the styles.</p>{_style_section(metrics)}
 
 def write_report(result: dict, json_path: str, work_dir: str) -> str:
     """Write the page beside the eval JSON (eval_X.json -> eval_X.html), atomically; return its path."""
-    from utils.runtime import write_text_atomic
+    from utils.core.io import write_text_atomic
     path = os.path.splitext(json_path)[0] + '.html'
     write_text_atomic(path, render(result, work_dir))
     logger.info('eval report: %s', path)

@@ -13,21 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
-from utils.runtime import BadInput, read_json
+from utils.core.errors import ConfError
+from utils.core.layout import DATA_SUFFIXES
+from utils.core.io import read_json
 
 DEFAULT_PROMPT = ' what does the image describe? write a {} reply.'
 PRECISIONS = ('fp32', 'bf16', 'fp16')
 STAGES = ('ce', 'scst')
 SCST_SEARCHES = ('beam', 'sample')
 VAL_METRICS = ('Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr', 'SPICE')
-OUTPUT_DIR = 'output'            # work_dir/output: the trained model (newest checkpoint's weights)
-BEST_DIR = 'output_best'        # work_dir/output_best: the best validated model
-VAL_METRICS_FILE = 'val_metrics.jsonl'  # work_dir/val_metrics.jsonl: one line per validation
 HUB_ID = re.compile(r'^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$')
-
-
-class ConfError(BadInput, ValueError):
-    """A conf problem, worded for the user: names the key (or file) at fault."""
 
 
 @dataclass
@@ -270,13 +265,9 @@ def conf_overrides(args) -> dict:
 
 
 def load_conf(path: Union[str, Path], overrides: Optional[dict] = None, splits=('train', 'val', 'test')) -> Conf:
-    """The one way every entry point gets its conf: the file, the command line's overrides, the demo's
-    assets when the conf asks for them, then every check (``validate``) of the splits it reads."""
-    conf = apply_overrides(read_conf(path), **(overrides or {}))
-    if conf.demo:
-        from utils.demo_data import ensure_demo_assets
-        ensure_demo_assets(conf.model_name, conf.dataset_path, conf.img_addr, conf.patch_image_size or 64)
-    return validate(conf, splits=splits)
+    """The one way every entry point gets its conf: the file, the command line's overrides, then every check
+    (``validate``) of the splits it reads. Reads and checks; builds and writes nothing."""
+    return validate(apply_overrides(read_conf(path), **(overrides or {})), splits=splits)
 
 
 # ------------------------------------------------------------------ validation
@@ -372,12 +363,12 @@ def validate(conf: Conf, splits=('train', 'val', 'test')) -> Conf:
         raise ConfError(f'conf key "img_addr": folder {conf.img_addr} does not exist')
     if not os.path.isdir(conf.dataset_path):
         raise ConfError(f'conf key "dataset_path": folder {conf.dataset_path} does not exist')
-    from utils.data import SUFFIXES
+
     for split in ('train', 'val', 'test'):
         p = conf.split_path(split)
-        if p.suffix.lower() not in SUFFIXES:
+        if p.suffix.lower() not in DATA_SUFFIXES:
             raise ConfError(f'conf key "{split}_json": {p.name} is not a data file this toolkit reads '
-                            f'({", ".join(SUFFIXES)})')
+                            f'({", ".join(DATA_SUFFIXES)})')
     for split in splits:
         p = conf.split_path(split)
         if not p.is_file():

@@ -7,7 +7,7 @@ import logging
 import os
 from typing import List, Optional
 
-from utils.runtime import unique_path, write_json_atomic, write_text_atomic
+from utils.core.io import unique_path, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 CSV_SETTINGS = ('tokenize_style', 'beam_size', 'max_len', 'no_repeat_ngram_size', 'patch_image_size')
@@ -20,9 +20,9 @@ def evaluate(conf, checkpoint: Optional[str], stamp: str, rows: List[dict], stat
     references, write eval_{time}.json and its page eval_{time}.html. ``style_blind``: the ablation, every
     row captioned with the same neutral style input (:func:`withhold_style`); the style accuracy is still
     measured against each row's requested style."""
-    from utils.captioner import load_captioner
-    from utils.metrics import format_table, score_file
-    from utils.report import write_report
+    from utils.captioning.captioner import load_captioner
+    from utils.evaluation.scoring import format_table, score_file
+    from utils.evaluation.report import write_report
 
     captioner = load_captioner(conf, model, checkpoint=checkpoint + '.pth' if checkpoint else None)
     neutral = withhold_style(captioner) if style_blind else None

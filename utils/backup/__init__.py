@@ -1,0 +1,1 @@
+"""Backups of a trained model: archives with a manifest of sha256 sums, verified and restored safely."""
