@@ -17,7 +17,8 @@ from utils.core.workdir import WorkDirLock
 from utils.training.resume import resolve_checkpoint
 from utils.core import distributed
 from utils.core.layout import OUTPUT_DIR
-from utils.core.conf import Conf, add_conf_flags, apply_overrides, conf_overrides, read_conf, validate
+from utils.core.conf import Conf, apply_overrides, read_conf, validate
+from utils.core.flags import add_conf_flags, conf_overrides
 from utils.core.errors import ConfError
 
 logger = logging.getLogger('finetune')
@@ -56,7 +57,7 @@ def read_data(conf: Conf, mode: str, n_samples: Optional[int] = None):
     """The rows a run needs (train split, or test split for eval), read before anything is written."""
     from utils.data.rows import load_split
     if mode == 'train':
-        return load_split(conf, 'train', limit=conf.max_train_samples)
+        return load_split(conf, 'train', limit=conf.train.max_train_samples)
     return load_split(conf, 'test', limit=n_samples)
 
 
@@ -68,9 +69,9 @@ def build_style_map(conf: Conf, rows: List[dict], checkpoint: Optional[str]):
     from utils.data.rows import read_styles
     from utils.data.styles import StyleMap, training_style_map
 
-    style_map = training_style_map(read_styles(conf.dataset_path, rows), conf.tokenize_style, conf.prompt,
-                                   conf.prompt_template, conf.model_name if conf.model_is_local else None)
-    saved = os.path.join(conf.work_dir, OUTPUT_DIR)
+    style_map = training_style_map(read_styles(conf.data.dataset_path, rows), conf.model.tokenize_style, conf.model.prompt,
+                                   conf.model.prompt_template, conf.model.model_name if conf.model.is_local else None)
+    saved = os.path.join(conf.run.work_dir, OUTPUT_DIR)
     if checkpoint is not None and os.path.isfile(os.path.join(saved, 'style_map.json')):
         before = StyleMap.load(saved)
         if before != style_map:
@@ -79,17 +80,17 @@ def build_style_map(conf: Conf, rows: List[dict], checkpoint: Optional[str]):
             raise ConfError(f'resuming {checkpoint}: the styles differ from those it was trained with '
                             f'({saved}/style_map.json), e.g. {what}; resume with the same data and conf')
     logger.info('%d train rows, %d styles (%s in the prompt)', len(rows), len(style_map.tokens),
-                'style tokens' if conf.tokenize_style else 'style words')
+                'style tokens' if conf.model.tokenize_style else 'style words')
     return style_map
 
 
 def write_summary(conf: Conf, stamp: str, summary: dict) -> str:
     """work_dir/train_{time}.json; the demo conf adds its style-following figures (utils/demo/report.py)."""
     from utils.core.io import unique_path, write_json_atomic
-    if conf.demo:
+    if conf.data.demo:
         from utils.demo.report import demo_report
         summary['demo'] = demo_report(conf, summary['output'])
-    path = unique_path(conf.work_dir, 'train', stamp)
+    path = unique_path(conf.run.work_dir, 'train', stamp)
     write_json_atomic(path, summary)
     return path
 
@@ -111,11 +112,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     def prepare():  # every check that can fail on bad input, before anything is written
         from utils.training.validation import load_val_rows
         conf = apply_overrides(read_conf(args.conf), **conf_overrides(args))
-        if conf.demo:  # the demo conf's tiny model and data set, built where missing
+        if conf.data.demo:  # the demo conf's tiny model and data set, built where missing
             from utils.demo.data import ensure_demo_assets
-            ensure_demo_assets(conf.model_name, conf.dataset_path, conf.img_addr, conf.patch_image_size or 64)
+            ensure_demo_assets(conf.model.model_name, conf.data.dataset_path, conf.data.img_addr, conf.model.patch_image_size or 64)
         validate(conf, splits=('train', 'val') if args.mode == 'train' else ('test',))
-        checkpoint = resolve_checkpoint(args.checkpoint, conf.work_dir)
+        checkpoint = resolve_checkpoint(args.checkpoint, conf.run.work_dir)
         if args.mode == 'eval':
             from utils.captioning.captioner import trained_model_dir
             trained_model_dir(conf, args.model)
@@ -137,8 +138,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def run():
         main_rank = distributed.is_main()
-        lock = WorkDirLock(conf.work_dir) if args.mode == 'train' and main_rank else contextlib.nullcontext()
-        log = log_to_file(os.path.join(conf.work_dir, f'{args.mode}_{stamp}.log')) if main_rank \
+        lock = WorkDirLock(conf.run.work_dir) if args.mode == 'train' and main_rank else contextlib.nullcontext()
+        log = log_to_file(os.path.join(conf.run.work_dir, f'{args.mode}_{stamp}.log')) if main_rank \
             else contextlib.nullcontext()
         with lock, log:
             distributed.barrier()  # the other ranks start once rank 0 holds the work_dir

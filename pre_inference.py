@@ -15,7 +15,8 @@ import sys
 from typing import List, Optional
 
 from utils.core.errors import ConfError
-from utils.core.conf import add_conf_flags, conf_overrides, load_conf
+from utils.core.conf import load_conf
+from utils.core.flags import add_conf_flags, conf_overrides
 from utils.core.errors import DataError
 from utils.data.rows import SplitStats, load_split
 from utils.data.images import check_image, image_path
@@ -50,7 +51,7 @@ def test_items(conf, n: Optional[int], pick_random: bool):
     """Items of the test split (all, the first n, or n at random) and the split's row counts."""
     rows, stats = load_split(conf, 'test')
     if n is not None and n < len(rows):
-        rows = random.Random(conf.seed).sample(rows, n) if pick_random else rows[:n]
+        rows = random.Random(conf.run.seed).sample(rows, n) if pick_random else rows[:n]
     items = [{'style': r['style'], 'image': r['image'], 'reference': reference_value(r['references']),
               'row': r['row']} for r in rows]
     return items, stats
@@ -59,7 +60,7 @@ def test_items(conf, n: Optional[int], pick_random: bool):
 def json_items(path: str, conf):
     """Items of a -j file, in order, and what was skipped. A file that is not a non-empty JSON list is an
     error; a bad row (not an object, no style, no image, an unusable image, a bad reference) is skipped and
-    counted, as in a data set, unless conf.strict (--strict), where it is an error naming the row."""
+    counted, as in a data set, unless conf.data.strict (--strict), where it is an error naming the row."""
     data = read_json(path, '-j file', DataError)
     if not isinstance(data, list) or not data:
         raise DataError(f'-j file {path} must hold a non-empty JSON list of {{"style", "image"}} objects')
@@ -70,7 +71,7 @@ def json_items(path: str, conf):
         if reason is None:
             items.append(item)
             continue
-        if conf.strict:
+        if conf.data.strict:
             raise DataError(f'-j file {path}, row {i}: {reason}')
         skipped.append({'row': i, 'reason': reason})
         stats.skipped[reason.split(':')[0]] += 1
@@ -94,7 +95,7 @@ def _json_item(i: int, row, conf):
     if isinstance(row.get('image'), str):
         img = row['image']
     elif isinstance(row.get('image_hash'), str):
-        img = image_path(conf.img_addr, row['image_hash'], conf.file_attr)
+        img = image_path(conf.data.img_addr, row['image_hash'], conf.data.file_attr)
     else:
         return None, 'needs "image" (a path) or "image_hash"'
     problem = check_image(img)
@@ -133,7 +134,7 @@ def run(args) -> int:
     from utils.captioning.captioner import load_captioner
     captioner = load_captioner(conf, args.model)
     try:  # an unknown style fails before any work, naming its row of the file (skipped rows included)
-        captions = captioner.caption(items, batch_size=conf.batch_size, num_workers=conf.num_workers)
+        captions = captioner.caption(items, batch_size=conf.run.batch_size, num_workers=conf.run.num_workers)
     except UnknownStyleError as e:
         raise ConfError(f'{"-j file " + args.json if args.json else "test split"}, {e}') from None
 
@@ -143,12 +144,12 @@ def run(args) -> int:
         if 'reference' in item:
             r['reference'] = item['reference']
         results.append(r)
-    out_dir = args.out_dir or conf.work_dir
+    out_dir = args.out_dir or conf.run.work_dir
     os.makedirs(out_dir, exist_ok=True)
     path = unique_path(out_dir, 'inference', timestamp())
     output = {
-        'model_name': args.desc or (args.model if args.model else conf.model_name),
-        'model_revision': None if args.model else conf.model_revision,
+        'model_name': args.desc or (args.model if args.model else conf.model.model_name),
+        'model_revision': None if args.model else conf.model.model_revision,
         'n_eval_sample': len(results),
         'results': results,
     }

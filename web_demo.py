@@ -11,6 +11,7 @@ path is allowed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
@@ -22,7 +23,8 @@ from typing import List, Optional
 
 from utils.core.layout import OUTPUT_DIR
 from utils.core.errors import ConfError
-from utils.core.conf import add_conf_flags, conf_overrides, load_conf
+from utils.core.conf import load_conf
+from utils.core.flags import add_conf_flags, conf_overrides
 from utils.core.errors import first_line
 
 logger = logging.getLogger('web_demo')
@@ -106,9 +108,9 @@ class Demo:
         styles = self.captioner.style_map.styles if style == ALL_STYLES else [style]
         try:
             with self.lock:
-                settings = dict(self.captioner.generation, beam_size=int(beam_size), max_len=int(max_len))
+                settings = dataclasses.replace(self.captioner.generation, beam_size=int(beam_size), max_len=int(max_len))
                 if settings != self.captioner.generation:
-                    self.captioner.set_generation(**settings)
+                    self.captioner.set_generation(settings)
                 captions = self.captioner.caption([{'style': s, 'image': image} for s in styles],
                                                   batch_size=self.batch_size, progress=False)
         except Exception as e:  # noqa: BLE001 - the page gets one sentence, the log the traceback
@@ -141,9 +143,9 @@ def build_app(demo: Demo, model_name: str):
                 preview = gr.Image(label='Image', type='filepath', interactive=False, height=260, elem_id='preview')
             with gr.Column():
                 style = gr.Dropdown([ALL_STYLES] + styles, value=styles[0], label='Style', elem_id='style')
-                beam = gr.Slider(1, MAX_BEAM, value=generation['beam_size'], step=1, label='Beam size',
+                beam = gr.Slider(1, MAX_BEAM, value=generation.beam_size, step=1, label='Beam size',
                                  elem_id='beam_size')
-                length = gr.Slider(1, MAX_LEN, value=generation['max_len'], step=1,
+                length = gr.Slider(1, MAX_LEN, value=generation.max_len, step=1,
                                    label='Longest caption (tokens)', elem_id='max_len')
                 button = gr.Button('Caption', variant='primary', elem_id='run')
                 caption = gr.Textbox(label='Caption', lines=2, max_lines=30, interactive=False, elem_id='caption')
@@ -185,8 +187,8 @@ def run(args) -> int:
 
         os.makedirs(os.path.join(private, 'samples'))
         demo = Demo(captioner, sample_images(conf, os.path.join(private, 'samples')),
-                    max_bytes=int(args.max_upload_mb * 1e6), batch_size=conf.batch_size)
-        app = build_app(demo, args.model or os.path.join(conf.work_dir, OUTPUT_DIR))
+                    max_bytes=int(args.max_upload_mb * 1e6), batch_size=conf.run.batch_size)
+        app = build_app(demo, args.model or os.path.join(conf.run.work_dir, OUTPUT_DIR))
         logger.info('web demo on http://%s:%d (Ctrl-C stops it)', args.host, args.port)
         app.queue(default_concurrency_limit=1).launch(
             server_name=args.host, server_port=args.port, max_file_size=int(args.max_upload_mb * 1e6),

@@ -110,6 +110,7 @@ def main(argv=None) -> int:
     from utils.training import trainer as assembly
     from bench.bench_train import realistic_images, stock_trainer
     from utils.captioning.captioner import Captioner
+    from utils.core.conf import GenerationConf
     from utils.core.conf import DEFAULT_PROMPT, conf_from_dict, validate
     from utils.data.rows import read_split
     from utils.demo.data import COLOURS, SHAPES, STYLES, caption
@@ -184,7 +185,7 @@ def main(argv=None) -> int:
             sync()
             cap_rates['stock pipeline, fp32'] = len(images) / (time.perf_counter() - t)
         for precision in args.precisions.split(','):
-            captioner = Captioner(model_dir, beam_size=5, max_len=16, no_repeat_ngram_size=3, precision=precision)
+            captioner = Captioner(model_dir, GenerationConf(beam_size=5, max_len=16, no_repeat_ngram_size=3), precision=precision)
             captioner.caption(items[:args.caption_batch], batch_size=args.caption_batch, progress=False)
             sync()
             t = time.perf_counter()

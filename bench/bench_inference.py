@@ -62,12 +62,13 @@ def main(argv=None) -> int:
     from modelscope.utils.constant import Tasks
 
     from utils.captioning.captioner import Captioner
+    from utils.core.conf import GenerationConf
 
     with tempfile.TemporaryDirectory() as root:
         model_dir, images, styles = build_assets(root, args.images, args.size)
         device = pick_device(args.device)
         pipe = pipeline(Tasks.image_captioning, model=model_dir, device='gpu' if device == 'cuda' else 'cpu')
-        captioner = Captioner(model_dir, beam_size=5, max_len=16, no_repeat_ngram_size=3, device=device)
+        captioner = Captioner(model_dir, GenerationConf(beam_size=5, max_len=16, no_repeat_ngram_size=3), device=device)
         items = [{'image': img, 'style': styles[i % len(styles)]} for i, img in enumerate(images)]
 
         n = len(images)

@@ -59,7 +59,7 @@ def stock_trainer(conf, rows):
         cfg.dataset = {'column_map': {'text': 'text'}}
         return cfg
     with no_hub_check_for_local_model(True):
-        return OFATrainer(model=conf.model_name, cfg_modify_fn=stock_modify, work_dir=conf.work_dir,
+        return OFATrainer(model=conf.model.model_name, cfg_modify_fn=stock_modify, work_dir=conf.run.work_dir,
                           train_dataset=Rows(), seed=42)
 
 

@@ -116,7 +116,7 @@ def test_round_trip_gives_the_same_captions(trained, tmp_path, capsys, mode):
     path = make_backup(conf_path, tmp_path / 'out', *mode)
     conf = read_conf(conf_path)
     top = path.name[:-len('.tar.gz')]
-    assert top.startswith(backup_model.short_model_name(conf.model_name) + '_')
+    assert top.startswith(backup_model.short_model_name(conf.model.model_name) + '_')
     names = set(members(path))
     assert all(n == top or n.startswith(top + '/') for n in names)  # a single top folder
     assert {f'{top}/conf.json', f'{top}/manifest.json', f'{top}/model/pytorch_model.bin',
@@ -125,7 +125,7 @@ def test_round_trip_gives_the_same_captions(trained, tmp_path, capsys, mode):
     manifest = json.loads(member(path, '/manifest.json'))
     assert manifest['toolkit_version'] == __version__
     assert manifest['style_map'] == json.loads((work / 'output' / 'style_map.json').read_text())
-    assert manifest['model_name'] == conf.model_name and manifest['model_revision'] == conf.model_revision
+    assert manifest['model_name'] == conf.model.model_name and manifest['model_revision'] == conf.model.model_revision
     assert manifest['checkpoint'] is None and manifest['created']
     stored = {n[len(top) + 1:] for n, d in members(path).items() if d is not None} - {'manifest.json'}
     assert set(manifest['files']) == stored
@@ -296,7 +296,7 @@ def test_write_error_is_one_line_and_leaves_nothing(trained, tmp_path, monkeypat
         raise OSError(28, 'No space left on device')
 
     monkeypatch.setattr(backup_model, '_publish', disk_full)
-    assert run('--conf', conf_path, '-o', out) == 2
+    assert run('--conf', conf_path, '-o', out) == 1  # a full disk is a failure (exit 1), not bad input (2)
     err = capsys.readouterr().err
     assert err.startswith('error: ') and err.count('\n') == 1 and 'No space left' in err
     assert list(out.iterdir()) == []

@@ -16,9 +16,9 @@ def load(path):
 def test_valid_conf_loads_with_defaults(make_conf):
     conf = load(make_conf())
     assert isinstance(conf, Conf)
-    assert conf.prompt_template == DEFAULT_PROMPT  # "" means the default prompt
-    assert conf.checkpoint.interval == 3 and conf.num_workers == 0
-    assert conf.model_is_local
+    assert conf.model.prompt_template == DEFAULT_PROMPT  # "" means the default prompt
+    assert conf.train.checkpoint.interval == 3 and conf.run.num_workers == 0
+    assert conf.model.is_local
 
 
 @pytest.mark.parametrize('overrides, key', [
@@ -61,7 +61,7 @@ def test_model_dir_without_configuration_json(make_conf, tmp_path):
 
 def test_hub_id_is_not_a_local_dir(make_conf):
     conf = read_conf(make_conf(model_name='damo/ofa_image-caption_coco_distilled_en', model_revision='v1.0.1'))
-    assert not conf.model_is_local
+    assert not conf.model.is_local
     validate(conf)  # no file-system check for a hub id: nothing is downloaded at validation
 
 
@@ -78,7 +78,7 @@ def test_conf_file_not_json_or_not_object(tmp_path, text, message):
 
 def test_cli_override_replaces_conf_value_and_is_checked(make_conf):
     conf = read_conf(make_conf())
-    assert apply_overrides(conf, batch_size=2, lr=None).batch_size == 2
+    assert apply_overrides(conf, batch_size=2, lr=None).run.batch_size == 2
     with pytest.raises(ConfError, match='"batch_size" must be at least 1'):
         validate(apply_overrides(conf, batch_size=0))
 
@@ -108,28 +108,65 @@ def test_missing_conf_file(capsys, tmp_path):
 @pytest.mark.parametrize('name', ['demo.json', 'distilled_tokenized.json', 'base_tokenized.json'])
 def test_shipped_confs_parse(name):
     conf = read_conf(os.path.join(os.path.dirname(__file__), '..', 'conf_examples', name))
-    assert conf.prompt_template.count('{}') == 1
+    assert conf.model.prompt_template.count('{}') == 1
     if name != 'demo.json':
-        assert not conf.model_is_local and conf.model_revision
+        assert not conf.model.is_local and conf.model.model_revision
 
 
 # ---------------------------------------------------------------- flags generated from the Conf fields
 
-def test_every_scalar_conf_key_is_a_train_flag_with_its_comment_as_help():
+def test_every_scalar_conf_key_is_a_train_flag_with_its_declared_help_and_default():
     import dataclasses
 
     import finetune
-    from utils.core.conf import conf_fields
-    fields = conf_fields()
-    scalar = [f.name for f in dataclasses.fields(Conf) if not dataclasses.is_dataclass(f.type)
-              and f.name not in ('columns', 'checkpoint', 'scst')]
-    assert [name for _, name, *_ in fields] == scalar
-    assert all(help_text for _, _, _, help_text, _ in fields)
-    help_of = {name: help_text for _, name, _, help_text, _ in fields}
+    from utils.core.conf import NESTED_SECTIONS, SECTIONS
+    from utils.core.flags import conf_flags
+    flags = conf_flags()
+    scalar = [f.name for name, cls in SECTIONS.items() if name not in NESTED_SECTIONS
+              for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(f.type)
+              and f.name not in ('columns', 'checkpoint')]
+    assert [f.name for f in flags] == scalar
+    assert all(f.help for f in flags)
+    help_of = {f.name: f.help for f in flags}
     assert help_of['lr'] == 'peak learning rate (AdamW)'
+    assert {f.name: f.section for f in flags}['beam_size'] == 'generation'
     train_help = finetune.build_parser()._subparsers._group_actions[0].choices['train'].format_help()
     for name in scalar:
         assert f'--{name}' in train_help, name
+    flat = ' '.join(train_help.split())  # argparse wraps lines
+    assert 'peak learning rate (AdamW) (default: 5e-05)' in flat
+    assert '(required in the conf)' in flat and '(default: null)' in flat
+
+
+def test_captioning_commands_word_their_flags_for_captioning():
+    import finetune
+    import pre_inference
+    for parser in (pre_inference.build_parser(), finetune.build_parser()._subparsers._group_actions[0].choices['eval']):
+        text = ' '.join(parser.format_help().split())
+        assert 'captions per batch (default: 4)' in text
+        assert 'per device' not in text and 'loss scaler' not in text
+    train = ' '.join(finetune.build_parser()._subparsers._group_actions[0].choices['train'].format_help().split())
+    assert 'samples per training step, per device (default: 4)' in train
+
+
+def test_unknown_key_names_the_likely_one(make_conf):
+    import json
+    path = make_conf()
+    data = json.loads(open(path).read())
+    data['max_epoch'] = 2
+    with open(path, 'w') as f:
+        json.dump(data, f)
+    with pytest.raises(ConfError, match='unknown conf key "max_epoch" \\(did you mean "max_epochs"\\?'):
+        read_conf(path)
+
+
+def test_conf_round_trips_through_its_flat_file(make_conf):
+    from utils.core.conf import conf_from_dict
+    conf = read_conf(make_conf(lr=0.25, beam_size=2, scst={'candidates': 3}))
+    flat = conf.to_dict()
+    assert flat['lr'] == 0.25 and flat['beam_size'] == 2 and flat['scst']['candidates'] == 3
+    assert 'model' not in flat and 'train' not in flat  # the file format stays flat
+    assert conf_from_dict(flat) == conf
 
 
 @pytest.mark.parametrize('argv, expected', [
@@ -140,7 +177,7 @@ def test_every_scalar_conf_key_is_a_train_flag_with_its_comment_as_help():
 ])
 def test_train_flags_override_only_what_is_given(argv, expected):
     import finetune
-    from utils.core.conf import conf_overrides
+    from utils.core.flags import conf_overrides
     args = finetune.build_parser().parse_args(['train', '--conf', 'c.json', *argv])
     assert conf_overrides(args) == expected
 
@@ -150,7 +187,7 @@ def test_every_entry_point_takes_its_sections_keys_as_flags():
     import pre_inference
     import web_demo
     from utils.backup import backup as backup_model
-    from utils.core.conf import conf_overrides
+    from utils.core.flags import conf_overrides
     caption = ['--conf', 'c.json', '--beam_size', '2', '--precision', 'bf16', '-b', '7']
     want = {'beam_size': 2, 'precision': 'bf16', 'batch_size': 7}
     assert conf_overrides(pre_inference.build_parser().parse_args(caption)) == want

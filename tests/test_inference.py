@@ -157,7 +157,8 @@ def test_fast_generation_gives_the_stock_generators_captions_and_scores(trained,
     model_dir = str(Path(conf['work_dir']) / 'output')
     items = [{'style': s, 'image': str(Path(conf['img_addr']) / (r['image_hash'] + '.jpg'))}
              for r in rows for s in ('Happy', 'Sarcastic', 'Romantic', 'Anxious')]
-    fast, stock = (Captioner(model_dir, beam_size=3, max_len=12, no_repeat_ngram_size=2, fast=f)
+    from utils.core.conf import GenerationConf
+    fast, stock = (Captioner(model_dir, GenerationConf(beam_size=3, max_len=12, no_repeat_ngram_size=2), fast=f)
                    for f in (True, False))
     assert fast.caption(items, batch_size=7) == stock.caption(items, batch_size=5)
 

@@ -139,7 +139,7 @@ def test_unexpected_error_is_one_line_exit_1_and_debug_shows_it(trained, tmp_pat
     errors = [line for line in err.splitlines() if line.startswith('error: ')]
     assert len(errors) == 1 and 'OSError' in errors[0] and '--debug' in errors[0]
     assert 'Traceback' not in err
-    with pytest.raises(Exception):
+    with pytest.raises(OSError):
         pre_inference.main(['--conf', trained[0], '-m', str(broken), '-n', '1', '--debug'])
 
 
@@ -172,7 +172,7 @@ def test_repeated_kills_at_random_moments_lose_nothing(make_conf, tmp_path):
     work = Path(json.loads(Path(path).read_text())['work_dir'])
     per_epoch, total = 6, 36  # 48 rows / batch 8 x 6 epochs
     kills = 0
-    for attempt in range(3):
+    for _attempt in range(3):
         def newest():
             return max([n for n, _ in checkpoints_in(str(work))], default=0)
         before = newest()

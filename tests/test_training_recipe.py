@@ -75,10 +75,10 @@ def built(trained):
     conf_path, work = trained
     conf = read_conf(conf_path)
     conf = validate(apply_overrides(conf, model_name=str(work / 'output'), work_dir=str(work.parent / 'built')))
-    conf.stage, conf.scst.candidates = 'scst', 2
+    conf.train.stage, conf.scst.candidates = 'scst', 2
     rows, _ = load_split(conf, 'train')
     style_map = StyleMap.load(str(work / 'output'))
-    trainer = assembly.build_trainer(conf, rows, style_map, conf.model_name)
+    trainer = assembly.build_trainer(conf, rows, style_map, conf.model.model_name)
     return conf, trainer, rows, style_map
 
 
@@ -191,9 +191,7 @@ def test_validation_keeps_the_best_not_the_last(built, tmp_path):
     finally:
         model.load_state_dict(good)
         hook.close()
-    stored = Captioner(str(best), beam_size=conf.beam_size, max_len=conf.max_len,
-                       no_repeat_ngram_size=conf.no_repeat_ngram_size,
-                       model_cfg=conf.model_cfg)
+    stored = Captioner(str(best), conf.generation, model_cfg=conf.model.model_cfg)
     assert stored.caption([{'style': r['style'], 'image': r['image']} for r in val]) == live
 
 
@@ -234,7 +232,8 @@ def test_training_validates_and_output_best_is_a_usable_model(trained, make_conf
     assert result['model_name'] == str(work / 'output_best')
     from utils.captioning.captioner import Captioner
     c = json.loads(Path(conf).read_text())
-    captioner = Captioner(str(work / 'output_best'), beam_size=c['beam_size'], max_len=c['max_len'],
+    from utils.core.conf import GenerationConf
+    captioner = Captioner(str(work / 'output_best'), GenerationConf(beam_size=c['beam_size'], max_len=c['max_len']),
                           model_cfg={'patch_image_size': 32, 'max_image_size': 32})
     assert [r['caption'] for r in result['results']] == captioner.caption(
         [{'style': r['style'], 'image': r['image']} for r in result['results']])

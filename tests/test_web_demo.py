@@ -2,6 +2,7 @@
 nothing is downloaded). The app runs in a subprocess on 127.0.0.1; the captions read off the page must equal
 the toolkit's Captioner's for the same image, style and settings. Skips, saying why, where there is no
 Chromium (.ci/run installs it with apt)."""
+import dataclasses
 import json
 import shutil
 import socket
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from utils.core.conf import GenerationConf
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_UPLOAD_MB = 0.1  # small, so that the too-large upload below is small too
@@ -167,12 +170,12 @@ def test_caption_in_the_browser_equals_the_captioner(browser, app, captioner, co
     set_number(browser, 'beam_size', 1)
     set_number(browser, 'max_len', 3)
     short = run_caption(browser)
-    generation = dict(captioner.generation)
-    captioner.set_generation(beam_size=1, max_len=3, no_repeat_ngram_size=generation['no_repeat_ngram_size'])
+    generation = captioner.generation
+    captioner.set_generation(dataclasses.replace(generation, beam_size=1, max_len=3))
     try:
         assert short == captioner.caption([{'style': 'Sarcastic', 'image': str(image)}], progress=False)[0]
     finally:
-        captioner.set_generation(**generation)
+        captioner.set_generation(generation)
     assert len(short.split()) <= 3 < len(expected['Sarcastic'].split())
 
 
@@ -247,11 +250,12 @@ def test_set_generation_equals_a_captioner_built_with_those_settings(captioner, 
     """What the page's controls do (no browser needed)."""
     from utils.captioning.captioner import Captioner
     items = [{'style': s, 'image': str(Path(conf['img_addr'], 'test0002.jpg'))} for s in STYLES]
-    generation = dict(captioner.generation)
-    captioner.set_generation(beam_size=2, max_len=5, no_repeat_ngram_size=0)
+    generation = captioner.generation
+    captioner.set_generation(GenerationConf(beam_size=2, max_len=5, no_repeat_ngram_size=0))
     try:
         changed = captioner.caption(items, progress=False)
     finally:
-        captioner.set_generation(**generation)
-    assert changed == Captioner(random_output, beam_size=2, max_len=5, no_repeat_ngram_size=0).caption(items, progress=False)
+        captioner.set_generation(generation)
+    assert changed == Captioner(random_output, GenerationConf(beam_size=2, max_len=5, no_repeat_ngram_size=0)).caption(
+        items, progress=False)
     assert changed != captioner.caption(items, progress=False)

@@ -22,9 +22,9 @@ def main():
     if distributed.launched():
         distributed.init()
     conf = validate(apply_overrides(read_conf(conf_path), work_dir=out))
-    style_map = StyleMap.load(conf.model_name)
+    style_map = StyleMap.load(conf.model.model_name)
     rows, _ = load_split(conf, 'train')
-    trainer = assembly.build_trainer(conf, rows, style_map, conf.model_name)
+    trainer = assembly.build_trainer(conf, rows, style_map, conf.model.model_name)
     hook = ValidationHook(conf, load_val_rows(conf, style_map), style_map, resuming=False)
     hook.before_run(trainer)
     hook.validate(trainer, 1, 1)

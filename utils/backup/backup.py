@@ -49,14 +49,14 @@ from utils.core.errors import BackupError, first_line
 from utils.core.io import timestamp
 from utils.core.logs import setup_logging
 from utils.core.layout import OUTPUT_DIR
-from utils.core.conf import Conf, add_conf_flags, conf_overrides, is_local_model, load_conf
-from utils.core.errors import ConfError
+from utils.core.conf import Conf, is_local_model, load_conf
+from utils.core.flags import add_conf_flags, conf_overrides
+from utils.core.cli import EXIT_USAGE, run_reporting_errors
 from utils.core.layout import STYLE_MAP_FILE
 
 logger = logging.getLogger(__name__)
 
 EXIT_DIFFERS = 1
-EXIT_USAGE = 2
 SUFFIX = '.tar.gz'
 MODEL_DIR = 'model'
 CONF_FILE = 'conf.json'
@@ -341,7 +341,7 @@ def backup(conf_path: str, out_dir: Optional[str] = None, conf_mode: str = 'full
     """Write the backup archive of the model trained with conf_path; return its path.
     conf_mode: "full" (the conf as resolved), "shareable" (local paths null), "none" (no conf)."""
     conf = load_conf(conf_path, overrides, splits=())
-    output = model or os.path.join(conf.work_dir, OUTPUT_DIR)
+    output = model or os.path.join(conf.run.work_dir, OUTPUT_DIR)
     if model is not None and not os.path.isdir(model):
         raise BackupError(f'-m {model}: no such model dir')
     if not os.path.isdir(output):
@@ -354,20 +354,20 @@ def backup(conf_path: str, out_dir: Optional[str] = None, conf_mode: str = 'full
     if weights_rel is None:
         raise BackupError(f'{output} has no {WEIGHTS_FILES[0]}: train until the first checkpoint is written')
 
-    out_dir = out_dir or conf.work_dir
+    out_dir = out_dir or conf.run.work_dir
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise BackupError(f'-o {out_dir} exists and is not a folder')
     os.makedirs(out_dir, exist_ok=True)
 
     from utils.core.workdir import WorkDirLock
-    lock = WorkDirLock(conf.work_dir)  # a run still training would change output/ under our feet
+    lock = WorkDirLock(conf.run.work_dir)  # a run still training would change output/ under our feet
     lock.__enter__()
     scratch = None
     try:
         checkpoint_name = None
         if checkpoint is not None:
             from utils.training.resume import resolve_checkpoint  # the one rule for naming a checkpoint
-            prefix = resolve_checkpoint(_in_work_dir(checkpoint, conf.work_dir), conf.work_dir)
+            prefix = resolve_checkpoint(_in_work_dir(checkpoint, conf.run.work_dir), conf.run.work_dir)
             scratch = tempfile.mkdtemp(prefix='.backup_', dir=out_dir)
             files[weights_rel] = checkpoint_weights(prefix, files[weights_rel], scratch)
             checkpoint_name = os.path.basename(prefix)
@@ -393,15 +393,15 @@ def backup(conf_path: str, out_dir: Optional[str] = None, conf_mode: str = 'full
             'format_version': FORMAT_VERSION,
             'toolkit_version': __version__,
             'created': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
-            'model_name': conf.model_name,
-            'model_revision': conf.model_revision,
+            'model_name': conf.model.model_name,
+            'model_revision': conf.model.model_revision,
             'checkpoint': checkpoint_name,
             'model_dir': MODEL_DIR,
             'conf': None if conf_mode == 'none' else CONF_FILE,
             'conf_mode': conf_mode,
             'style_map': style_map,
         }
-        path = write_archive(out_dir, f'{short_model_name(conf.model_name)}_{stamp}', entries, manifest)
+        path = write_archive(out_dir, f'{short_model_name(conf.model.model_name)}_{stamp}', entries, manifest)
     finally:
         lock.__exit__(None, None, None)
         if scratch:
@@ -657,6 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--verify', metavar='ARCHIVE', help='check every file of ARCHIVE against its manifest')
     p.add_argument('--restore', nargs=2, metavar=('ARCHIVE', 'DIR'),
                    help='check ARCHIVE, extract it to DIR/{model}_{time}/ and print the model dir')
+    p.add_argument('--debug', action='store_true', help='show the traceback of an error')
     add_conf_flags(p, 'backup')  # with --conf: e.g. --work_dir
     return p
 
@@ -683,22 +684,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_USAGE
 
     setup_logging()
-    try:
+
+    def run() -> int:
         if args.verify is not None:
             return verify(args.verify)
         if args.restore is not None:
             return restore(*args.restore)[0]
         mode = 'shareable' if args.shareable else 'none' if args.no_conf else 'full'
-        path = backup(args.conf, args.out_dir, mode, args.checkpoint, args.model, conf_overrides(args))
-        print(path)
+        print(backup(args.conf, args.out_dir, mode, args.checkpoint, args.model, conf_overrides(args)))
         return 0
-    except (BackupError, ConfError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as e:  # disk full, permissions, ...: nothing was left under a final name
-        print(f'error: {e}', file=sys.stderr)
-        return EXIT_USAGE
 
+    # bad input (the conf, the archive, a checkpoint, a work_dir in use): exit 2; a full disk or another
+    # OSError: exit 1 (nothing was left under a final name either way)
+    return run_reporting_errors(run, debug=args.debug)
 
 if __name__ == '__main__':
     sys.exit(main())

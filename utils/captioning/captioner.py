@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from utils.core.conf import GenerationConf
 from utils.core.device import autocast, pick_device
 from utils.core.errors import first_line
 
@@ -40,9 +41,9 @@ class Captioner:
     ``model`` may also be an already loaded ``OfaForAllTasks`` (the one a trainer is training, for
     validation), with its ``style_map``: nothing is read from disk but the tokenizer and configuration."""
 
-    def __init__(self, model, revision: Optional[str] = None, *, beam_size: int = 5, max_len: int = 16,
-                 no_repeat_ngram_size: int = 3, model_cfg: Optional[dict] = None, device: Optional[str] = None,
-                 fast: bool = True, precision: str = 'fp32', style_map=None):
+    def __init__(self, model, generation: Optional[GenerationConf] = None, *, revision: Optional[str] = None,
+                 model_cfg: Optional[dict] = None, device: Optional[str] = None, fast: bool = True,
+                 precision: str = 'fp32', style_map=None):
         from modelscope.models import Model
 
         from utils.captioning.preprocessor import OfaPreprocessorForStylishIC
@@ -57,23 +58,23 @@ class Captioner:
                                                         model_cfg=model_cfg, style_map=style_map)
         self.style_map = self.preprocessor.style_map
         self.fast = fast
-        self.set_generation(beam_size, max_len, no_repeat_ngram_size)
+        self.set_generation(generation or GenerationConf())
         self.device = torch.device(pick_device(device))
         self.model.to(self.device).eval()
         self.precision = precision  # fp32, or bf16/fp16 autocast around generation (weights stay fp32)
         tok = self.model.tokenizer
         self.collate = partial(_collate, pad_idx=tok.pad_token_id, eos_idx=tok.eos_token_id)
 
-    def set_generation(self, beam_size: int, max_len: int, no_repeat_ngram_size: int) -> None:
+    def set_generation(self, generation: GenerationConf) -> None:
         """A new sequence generator with these settings for the loaded model (the web demo's controls)."""
         from modelscope.models.multi_modal.ofa.generate import sequence_generator as sg
         self.model.generator = sg.SequenceGenerator(
-            tokenizer=self.model.tokenizer, beam_size=beam_size, max_len_b=max_len, min_len=1,
-            no_repeat_ngram_size=no_repeat_ngram_size)
+            tokenizer=self.model.tokenizer, beam_size=generation.beam_size, max_len_b=generation.max_len, min_len=1,
+            no_repeat_ngram_size=generation.no_repeat_ngram_size)
         if self.fast:  # the generator's key/value cache and a vectorised n-gram blocker: same captions, faster
             from utils.patches.generation import speed_up
             speed_up(self.model, self.model.generator)
-        self.generation = {'beam_size': beam_size, 'max_len': max_len, 'no_repeat_ngram_size': no_repeat_ngram_size}
+        self.generation = generation
 
     def caption(self, items: Sequence[dict], batch_size: int = 16, num_workers: int = 0,
                 progress: bool = True) -> List[str]:
@@ -106,7 +107,7 @@ def trained_model_dir(conf, model: Optional[str] = None) -> str:
     from utils.core.errors import ConfError
     from utils.core.conf import is_local_model
     if model is None:
-        model = os.path.join(conf.work_dir, OUTPUT_DIR)
+        model = os.path.join(conf.run.work_dir, OUTPUT_DIR)
         if not os.path.isdir(model):
             raise ConfError(f'no trained model at {model}: train first, or name a model dir with -m')
     elif is_local_model(model) and not os.path.isdir(model):
@@ -124,9 +125,8 @@ def load_captioner(conf, model: Optional[str] = None, checkpoint: Optional[str] 
 
     model_dir = trained_model_dir(conf, model)
     try:
-        captioner = Captioner(model_dir, revision, beam_size=conf.beam_size, max_len=conf.max_len,
-                              no_repeat_ngram_size=conf.no_repeat_ngram_size, precision=conf.precision,
-                              model_cfg=conf.model_cfg)
+        captioner = Captioner(model_dir, conf.generation, revision=revision, precision=conf.run.precision,
+                              model_cfg=conf.model.model_cfg)
     except FileNotFoundError as e:  # e.g. a model dir without style_map.json
         raise ConfError(str(e)) from None
     if checkpoint is not None:

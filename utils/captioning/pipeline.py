@@ -28,6 +28,7 @@ from modelscope.pipelines.builder import PIPELINES
 from modelscope.utils.constant import Tasks
 from PIL import Image
 
+from utils.core.conf import GenerationConf
 from utils.core.layout import STYLISH_IC_PIPELINE
 
 GENERATION_KEYS = {'beam_size': 'beam_size', 'max_len_b': 'max_len', 'no_repeat_ngram_size': 'no_repeat_ngram_size'}
@@ -71,9 +72,9 @@ class StylishImageCaptioningPipeline(Pipeline):
                     if k in GENERATION_KEYS}
         settings.update({k: v for k, v in (('beam_size', beam_size), ('max_len', max_len),
                                            ('no_repeat_ngram_size', no_repeat_ngram_size)) if v is not None})
-        self.captioner = Captioner(model, precision=precision, device=str(create_device(device)),
-                                   model_cfg={'patch_image_size': patch_image_size, 'max_image_size': max_image_size},
-                                   **settings)
+        self.captioner = Captioner(model, GenerationConf(**settings), precision=precision,
+                                   device=str(create_device(device)),
+                                   model_cfg={'patch_image_size': patch_image_size, 'max_image_size': max_image_size})
         super().__init__(model=self.captioner.model, preprocessor=self.captioner.preprocessor, device=device,
                          **kwargs)
         self._model_prepare = True  # the Captioner has put the model on its device, in eval mode

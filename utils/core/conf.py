@@ -1,21 +1,40 @@
-"""The run conf: one typed object, loaded from the seed's JSON file and validated before anything runs.
+"""The run conf: the seed's flat JSON file, read into one dataclass per section and checked before anything runs.
 
-Every setting is declared once, in :class:`Conf`, with its default and its meaning. CLI flags
-override fields of the same name (see :func:`apply_overrides`); they never restate a default.
+The JSON file stays flat, as the seed wrote it (``{"model_name": ..., "lr": ..., "beam_size": ...}``, with
+``columns``, ``checkpoint`` and ``scst`` as objects). Inside, each key belongs to one section:
+
+    conf.model       ModelConf        what to fine-tune and how the style enters the prompt
+    conf.data        DataConf         where the rows and images are
+    conf.run         RunConf          work_dir, batches, workers, precision, seed (every command)
+    conf.train       TrainConf        the optimisation, checkpoints, the stage
+    conf.validation  ValidationConf   validation during training and the best model
+    conf.scst        ScstConf         the SCST stage
+    conf.generation  GenerationConf   beam search when captioning
+
+Every setting is declared once, with :func:`setting`: its default, its help text (``metadata['help']``),
+extra short flags (``metadata['flags']``) and allowed values. Command-line flags are made from these fields
+(:mod:`utils.core.flags`); they never restate a default. Each part of the toolkit takes the section it
+needs (``Captioner(model_dir, conf.generation)``), not the whole conf.
+
+Reading is pure: :func:`load_conf` reads, applies the command line's overrides and checks; it builds and
+writes nothing. Relative paths in a conf are read from the current directory, as every command's own paths
+are (the README says so).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
+import difflib
+import math
 import os
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Dict, Optional, Union, get_args, get_origin, get_type_hints
 
 from utils.core.errors import ConfError
-from utils.core.layout import DATA_SUFFIXES
 from utils.core.io import read_json
+from utils.core.layout import DATA_SUFFIXES
 
 DEFAULT_PROMPT = ' what does the image describe? write a {} reply.'
 PRECISIONS = ('fp32', 'bf16', 'fp16')
@@ -25,86 +44,53 @@ VAL_METRICS = ('Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CID
 HUB_ID = re.compile(r'^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$')
 
 
+def setting(default: Any = dataclasses.MISSING, *, help: str, flags: tuple = (), choices: Optional[tuple] = None,
+            seed: bool = False, caption_help: Optional[str] = None, factory=None):
+    """A conf field: ``default`` (none: the key is required), ``help`` (its meaning, unit, allowed values),
+    extra ``flags`` (``('-b',)``), ``choices``, ``seed`` (one of the seed's keys: a flag of every command),
+    ``caption_help`` (the help where the key is a captioning command's flag, when it differs)."""
+    metadata = {'help': help, 'flags': flags, 'choices': choices, 'seed': seed, 'caption_help': caption_help}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# ---------------------------------------------------------------- nested objects
+
 @dataclass
 class CheckpointConf:
-    by_epoch: bool = False          # save every `interval` epochs (true) or iterations (false)
-    interval: int = 5000            # epochs or iterations between checkpoints
-    max_checkpoint_num: int = 3     # older checkpoints are deleted beyond this many (null: keep all)
-
-
-@dataclass
-class ScstConf:
-    candidates: int = 5             # captions generated per training sample; each is rewarded against the others' mean
-    search: str = 'beam'            # "beam": the beam's hypotheses (OFA's recipe); "sample": independent samples
-    temperature: float = 1.0        # sampling temperature ("sample" only)
+    by_epoch: bool = setting(False, help='save every `interval` epochs (true) or iterations (false)')
+    interval: int = setting(5000, help='epochs or iterations between checkpoints')
+    max_checkpoint_num: Optional[int] = setting(3, help='older checkpoints are deleted beyond this many (null: keep all)')
 
 
 @dataclass
 class Columns:
     """Which column of a data file holds each field the toolkit reads (default: Personality-Captions')."""
-    style: str = 'personality'      # the requested style (personality)
-    text: str = 'comment'           # the human caption: the training target and first reference
-    image: str = 'image_hash'       # image: a PCap hash (img_addr + value + file_attr), a file name with its suffix, or an absolute path
-    references: Optional[str] = 'additional_comments'  # extra references of val/test rows (a list; null: none)
+    style: str = setting('personality', help='the requested style (personality)')
+    text: str = setting('comment', help='the human caption: the training target and first reference')
+    image: str = setting('image_hash', help='image: a PCap hash (img_addr + value + file_attr), a file name with '
+                                            'its suffix, or an absolute path')
+    references: Optional[str] = setting('additional_comments',
+                                        help='extra references of val/test rows (a list; null: none)')
 
+
+# ---------------------------------------------------------------- sections
 
 @dataclass
-class Conf:
-    # --- the seed's keys (required unless a default is given) ---
-    model_name: str                 # ModelScope hub id (damo/ofa_image-caption_coco_distilled_en) or a local model dir
-    tokenize_style: bool            # true: each style is its own token in the prompt; false: the style word itself
-    img_addr: str                   # folder of images; image path = img_addr / (image_hash + file_attr)
-    dataset_path: str               # folder with the train/val/test JSON files (and personalities.txt, if any)
-    file_attr: str                  # image file suffix, e.g. ".jpg"
-    train_json: str                 # file name inside dataset_path: .json (PCap list), .jsonl, .csv or .parquet
-    val_json: str                   # file name inside dataset_path (same formats)
-    test_json: str                  # file name inside dataset_path (same formats)
-    work_dir: str                   # checkpoints, output/, logs, inference and eval files go here
-    model_revision: Optional[str] = None   # hub revision (v1.0.1); ignored for a local model dir
-    prompt: Optional[str] = None    # template with one "{}" for the style; empty/null: DEFAULT_PROMPT
+class ModelConf:
+    model_name: str = setting(seed=True, help='ModelScope hub id (damo/ofa_image-caption_coco_distilled_en) or a '
+                                              'local model dir')
+    tokenize_style: bool = setting(seed=True, help='true: each style is its own token in the prompt; false: the '
+                                                   'style word itself')
+    model_revision: Optional[str] = setting(None, seed=True, help='hub revision (v1.0.1); ignored for a local model dir')
+    prompt: Optional[str] = setting(None, seed=True, help='template with one "{}" for the style ("{{" and "}}" '
+                                                          'for literal braces); empty/null: the default prompt')
+    patch_image_size: Optional[int] = setting(None, help='side of the square image the model sees (null: the '
+                                                         "model's own)")
+    max_image_size: Optional[int] = setting(None, help="largest image side the model's position buckets allow "
+                                                       "(null: the model's own)")
 
-    # --- data ---
-    columns: Columns = field(default_factory=Columns)  # data file column of each field (default: PCap names)
-    strict: bool = False            # a bad data row (missing/unreadable image, missing field) stops the run instead of being skipped and counted
-    demo: bool = False              # build the offline demo's tiny model and data set if they are absent
-
-    # --- running (every command) ---
-    batch_size: int = 4             # (CLI -b) samples per step, per device; captions per batch
-    num_workers: int = 0            # (CLI -w) dataloader worker processes
-    precision: str = 'fp32'         # fp32, bf16 or fp16 (autocast; fp16 training with a loss scaler): training and captioning
-    seed: int = 42                  # random seed for weights of new layers, shuffling, sampling, -r picks
-    verbose: bool = False           # also show ModelScope's own console output (config dump, hook table, per-iteration lines); it always goes to work_dir/{time}.log
-
-    # --- training ---
-    max_epochs: int = 3             # (CLI -e/--max_epoches) epochs to train
-    lr: float = 5e-5                # peak learning rate (AdamW)
-    warmup: float = 0.01            # fraction of all steps spent warming the learning rate up linearly
-    weight_decay: float = 0.01      # AdamW weight decay
-    label_smoothing: float = 0.1    # label smoothing of the cross-entropy loss
-    log_interval: int = 10          # iterations between two log lines of the loss
-    max_train_samples: Optional[int] = None  # use only the first N train rows (null: all)
-    checkpoint: CheckpointConf = field(default_factory=CheckpointConf)  # CheckpointHook settings
-    image_cache: Optional[str] = None  # folder for a cache of decoded, resized train images (null: off)
-
-    # --- validation and the best checkpoint (utils/training/validation.py) ---
-    eval_interval: Optional[int] = 5000  # iterations between two validations on the val split (null: only at epoch ends)
-    eval_every_epoch: bool = True   # also validate at the end of every epoch
-    val_max_samples: Optional[int] = None  # validate on the first N val rows only (null: all)
-    val_spice: bool = False         # also compute SPICE at each validation (slow; needs its CoreNLP jars)
-    best_metric: str = 'CIDEr'      # metric whose best value picks work_dir/output_best (higher is better)
-
-    # --- training stage (utils/training/stages.py) ---
-    stage: str = 'ce'               # "ce": cross-entropy on the references; "scst": self-critical training on a CIDEr-D reward, from a CE model dir
-    scst: ScstConf = field(default_factory=ScstConf)  # settings of the "scst" stage
-
-    # --- images and generation ---
-    patch_image_size: Optional[int] = None  # side of the square image the model sees (null: the model's own)
-    max_image_size: Optional[int] = None    # largest image side the model's position buckets allow (null: the model's own)
-    beam_size: int = 5              # beam width when captioning
-    max_len: int = 16               # longest caption, in tokens, when captioning
-    no_repeat_ngram_size: int = 3   # forbid repeating n-grams of this size when captioning (0: off)
-
-    # ---------------------------------------------------------------- derived
     @property
     def prompt_template(self) -> str:
         return self.prompt or DEFAULT_PROMPT
@@ -115,14 +101,111 @@ class Conf:
         return {'patch_image_size': self.patch_image_size, 'max_image_size': self.max_image_size}
 
     @property
-    def model_is_local(self) -> bool:
+    def is_local(self) -> bool:
         return is_local_model(self.model_name)
+
+
+@dataclass
+class DataConf:
+    img_addr: str = setting(seed=True, help='folder of images; image path = img_addr / (image_hash + file_attr)')
+    dataset_path: str = setting(seed=True, help='folder with the train/val/test files (and personalities.txt, '
+                                                'if any)')
+    file_attr: str = setting(seed=True, help='image file suffix, e.g. ".jpg"')
+    train_json: str = setting(seed=True, help='file name inside dataset_path: .json (PCap list), .jsonl, .csv '
+                                              'or .parquet')
+    val_json: str = setting(seed=True, help='file name inside dataset_path (same formats)')
+    test_json: str = setting(seed=True, help='file name inside dataset_path (same formats)')
+    columns: Columns = setting(factory=Columns, help='data file column of each field (default: PCap names)')
+    strict: bool = setting(False, help='a bad data row (missing/unreadable image, missing field) stops the run '
+                                       'instead of being skipped and counted')
+    demo: bool = setting(False, help="build the offline demo's tiny model and data set if they are absent "
+                                     '(finetune.py)')
 
     def split_path(self, split: str) -> Path:
         return Path(self.dataset_path) / getattr(self, f'{split}_json')
 
+
+@dataclass
+class RunConf:
+    work_dir: str = setting(seed=True, help='checkpoints, output/, logs, inference and eval files go here')
+    batch_size: int = setting(4, flags=('-b',), help='samples per training step, per device',
+                              caption_help='captions per batch')
+    num_workers: int = setting(0, flags=('-w',), help='dataloader worker processes')
+    precision: str = setting('fp32', choices=PRECISIONS,
+                             help='fp32, bf16 or fp16 (autocast; fp16 training adds a loss scaler)',
+                             caption_help='fp32, bf16 or fp16 autocast while captioning (weights stay fp32)')
+    seed: int = setting(42, help='random seed for weights of new layers, shuffling, sampling, -r picks')
+    verbose: bool = setting(False, help="also show ModelScope's own console output (config dump, hook table, "
+                                        'per-iteration lines); it always goes to work_dir/{time}.log')
+
+
+@dataclass
+class TrainConf:
+    max_epochs: int = setting(3, flags=('-e', '--max_epoches'), help='epochs to train')
+    lr: float = setting(5e-5, help='peak learning rate (AdamW)')
+    warmup: float = setting(0.01, help='fraction of all steps spent warming the learning rate up linearly')
+    weight_decay: float = setting(0.01, help='AdamW weight decay')
+    label_smoothing: float = setting(0.1, help='label smoothing of the cross-entropy loss')
+    log_interval: int = setting(10, help='iterations between two log lines of the loss')
+    max_train_samples: Optional[int] = setting(None, help='use only the first N train rows (null: all)')
+    checkpoint: CheckpointConf = setting(factory=CheckpointConf, help='CheckpointHook settings')
+    image_cache: Optional[str] = setting(None, help='folder for a cache of decoded, resized train images (null: off)')
+    stage: str = setting('ce', choices=STAGES,
+                         help='"ce": cross-entropy on the references; "scst": self-critical training on a CIDEr-D '
+                              'reward, from a CE model dir')
+
+
+@dataclass
+class ValidationConf:
+    eval_interval: Optional[int] = setting(5000, help='iterations between two validations on the val split '
+                                                      '(null: only at epoch ends)')
+    eval_every_epoch: bool = setting(True, help='also validate at the end of every epoch')
+    val_max_samples: Optional[int] = setting(None, help='validate on the first N val rows only (null: all)')
+    val_spice: bool = setting(False, help='also compute SPICE at each validation (slow; needs its CoreNLP jars)')
+    best_metric: str = setting('CIDEr', choices=VAL_METRICS,
+                               help='metric whose best value picks work_dir/output_best (higher is better)')
+
+
+@dataclass
+class ScstConf:
+    candidates: int = setting(5, help="captions generated per training sample; each is rewarded against the "
+                                      "others' mean")
+    search: str = setting('beam', choices=SCST_SEARCHES,
+                          help='"beam": the beam\'s hypotheses (OFA\'s recipe); "sample": independent samples')
+    temperature: float = setting(1.0, help='sampling temperature ("sample" only)')
+
+
+@dataclass
+class GenerationConf:
+    beam_size: int = setting(5, help='beam width when captioning')
+    max_len: int = setting(16, help='longest caption, in tokens, when captioning')
+    no_repeat_ngram_size: int = setting(3, help='forbid repeating n-grams of this size when captioning (0: off)')
+
+
+@dataclass
+class Conf:
+    model: ModelConf
+    data: DataConf
+    run: RunConf
+    train: TrainConf = field(default_factory=TrainConf)
+    validation: ValidationConf = field(default_factory=ValidationConf)
+    scst: ScstConf = field(default_factory=ScstConf)
+    generation: GenerationConf = field(default_factory=GenerationConf)
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The flat JSON conf (the file format), every key resolved."""
+        flat: Dict[str, Any] = {}
+        for name in SECTIONS:
+            section = getattr(self, name)
+            if name in NESTED_SECTIONS:
+                flat[name] = dataclasses.asdict(section)
+            else:
+                flat.update(dataclasses.asdict(section))
+        return flat
+
+
+SECTIONS: Dict[str, type] = {f.name: get_type_hints(Conf)[f.name] for f in dataclasses.fields(Conf)}
+NESTED_SECTIONS = ('scst',)  # a section that is one object of the JSON file ("scst": {...})
 
 
 def is_local_model(name: str) -> bool:
@@ -130,25 +213,47 @@ def is_local_model(name: str) -> bool:
     return os.path.isdir(name) or not HUB_ID.match(name)
 
 
-# ------------------------------------------------------------------ loading
+def section_of_key() -> Dict[str, str]:
+    """Each top-level key of the JSON file -> the section that holds it."""
+    keys = {}
+    for name, cls in SECTIONS.items():
+        if name in NESTED_SECTIONS:
+            keys[name] = name
+        else:
+            keys.update({f.name: name for f in dataclasses.fields(cls)})
+    return keys
+
+
+KEY_SECTION = section_of_key()
+
+
+# ------------------------------------------------------------------ reading
 
 def _type_name(tp) -> str:
     return getattr(tp, '__name__', str(tp))
 
 
-def _check_type(key: str, value: Any, tp) -> Any:
+def check_type(key: str, value: Any, tp) -> Any:
     """Return value coerced to tp (int -> float only), or raise ConfError naming key."""
     origin = get_origin(tp)
     if origin is Union:  # Optional[X]
         args = [a for a in get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _check_type(key, value, args[0])
+        return check_type(key, value, args[0])
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfError(f'conf key "{key}": expected {_type_name(tp)}, got {type(value).__name__} {value!r}')
+    if tp is float and not math.isfinite(value):
+        raise ConfError(f'conf key "{key}" must be a finite number, got {value!r}')
     return value
+
+
+def _unknown(key: str, known) -> ConfError:
+    near = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    hint = f'did you mean "{near[0]}"? ' if near else ''
+    return ConfError(f'unknown conf key "{key}" ({hint}known keys: {", ".join(known)})')
 
 
 def _from_dict(cls, data: dict, prefix: str = ''):
@@ -156,7 +261,7 @@ def _from_dict(cls, data: dict, prefix: str = ''):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfError(f'unknown conf key "{prefix}{unknown[0]}" (known keys: {", ".join(fields)})')
+        raise _unknown(prefix + unknown[0], [prefix + f for f in fields])
     kwargs = {}
     for name, f in fields.items():
         key = prefix + name
@@ -170,14 +275,27 @@ def _from_dict(cls, data: dict, prefix: str = ''):
                 raise ConfError(f'conf key "{key}": expected an object, got {type(data[name]).__name__}')
             kwargs[name] = _from_dict(tp, data[name], prefix=key + '.')
         else:
-            kwargs[name] = _check_type(key, data[name], tp)
+            kwargs[name] = check_type(key, data[name], tp)
     return cls(**kwargs)
 
 
 def conf_from_dict(data: Any) -> Conf:
+    """The flat JSON object of a conf file -> a Conf of sections (types checked, values not yet)."""
     if not isinstance(data, dict):
         raise ConfError(f'the conf must be a JSON object, got {type(data).__name__}')
-    return _from_dict(Conf, data)
+    unknown = [k for k in data if k not in KEY_SECTION]
+    if unknown:
+        raise _unknown(unknown[0], list(KEY_SECTION))
+    parts = {}
+    for name, cls in SECTIONS.items():
+        if name in NESTED_SECTIONS:
+            value = data.get(name, {})
+            if not isinstance(value, dict):
+                raise ConfError(f'conf key "{name}": expected an object, got {type(value).__name__}')
+            parts[name] = _from_dict(cls, value, prefix=name + '.')
+        else:
+            parts[name] = _from_dict(cls, {k: v for k, v in data.items() if KEY_SECTION[k] == name})
+    return Conf(**parts)
 
 
 def read_conf(path: Union[str, Path]) -> Conf:
@@ -186,82 +304,17 @@ def read_conf(path: Union[str, Path]) -> Conf:
 
 
 def apply_overrides(conf: Conf, **overrides) -> Conf:
-    """Replace fields with the CLI values that were given (None = not given), re-checking types."""
-    hints = get_type_hints(Conf)
-    changes = {k: _check_type(k, v, hints[k]) for k, v in overrides.items() if v is not None}
-    return dataclasses.replace(conf, **changes)
-
-
-# ------------------------------------------------------------------ command-line flags
-
-SECTIONS = {  # Conf's "# --- name ---" sections whose keys are flags of each command
-    'train': ('seed', 'data', 'running', 'training', 'validation', 'stage', 'generation'),
-    'eval': ('seed', 'data', 'running', 'generation'),
-    'caption': ('seed', 'data', 'running', 'generation'),   # pre_inference.py, web_demo.py
-    'backup': ('seed',),
-}
-CHOICES = {'precision': PRECISIONS, 'stage': STAGES, 'best_metric': VAL_METRICS}
-_SECTION_NAMES = {"the seed's keys": 'seed', 'training stage': 'stage', 'images and generation': 'generation'}
-
-
-@functools.lru_cache(maxsize=None)
-def conf_fields() -> tuple:
-    """(section, name, type, help, short flags) of every scalar Conf field, read from Conf's own source:
-    each field's help is its end-of-line comment, its section the "# --- section ---" line above it, and
-    "(CLI -b)" or "(CLI -e/--max_epoches)" at the start of a comment names extra flags."""
-    import inspect
-    import io
-    import tokenize
-
-    hints = get_type_hints(Conf)
-    found, section, name = [], None, None
-    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(Conf)).readline):
-        if tok.type == tokenize.COMMENT:
-            heading = re.match(r'#\s*---\s*(.+?)\s*(\(.*\))?\s*-*\s*$', tok.string)
-            if heading and tok.start[1] == 4:
-                title = heading.group(1).strip()
-                section = _SECTION_NAMES.get(title, title.split()[0].lower())
-                name = None
-            elif name is not None:
-                text = tok.string.lstrip('#').strip()
-                cli = re.match(r'\(CLI ([^)]*)\)\s*', text)
-                extra = tuple(cli.group(1).split('/')) if cli else ()
-                found.append((section, name, hints[name], text[cli.end():] if cli else text, extra))
-                name = None
-        elif tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in hints and name is None \
-                and not dataclasses.is_dataclass(hints[tok.string]):
-            name = tok.string
-        elif tok.type == tokenize.NEWLINE:
-            name = None
-    return tuple(found)
-
-
-def add_conf_flags(parser, command: str) -> None:
-    """One flag per Conf key of the command's sections (``--lr``, ``--batch_size``/``-b``, ...), typed from
-    the field, helped by its comment, default None (= keep the conf's value; defaults live in Conf only)."""
-    import argparse
-
-    wanted = SECTIONS[command]
-    groups = {}
-    for section, name, tp, help_text, extra in conf_fields():
-        if section not in wanted:
+    """Replace keys with the command line's values that were given (None = not given), re-checking types.
+    Keys are the JSON file's flat names (``batch_size``, ``lr``)."""
+    changes: Dict[str, dict] = {}
+    for key, value in overrides.items():
+        if value is None:
             continue
-        group = groups.get(section) or groups.setdefault(
-            section, parser.add_argument_group(f'conf keys ({section}); a flag overrides the conf file'))
-        base = get_args(tp)[0] if get_origin(tp) is Union else tp
-        kwargs = {'dest': name, 'default': None, 'help': help_text.replace('%', '%%')}
-        if base is bool:
-            kwargs['action'] = argparse.BooleanOptionalAction
-        else:
-            metavar = None if name in CHOICES else {int: 'N', float: 'X'}.get(base, 'TEXT')
-            kwargs.update(type=base, metavar=metavar, choices=CHOICES.get(name))
-        group.add_argument(*extra, f'--{name}', **kwargs)
-
-
-def conf_overrides(args) -> dict:
-    """The Conf keys given on a command line built with add_conf_flags (not given: left out)."""
-    names = {name for _, name, *_ in conf_fields()}
-    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+        if key not in KEY_SECTION or key in NESTED_SECTIONS:
+            raise _unknown(key, list(KEY_SECTION))
+        section = KEY_SECTION[key]
+        changes.setdefault(section, {})[key] = check_type(key, value, get_type_hints(SECTIONS[section])[key])
+    return dataclasses.replace(conf, **{s: dataclasses.replace(getattr(conf, s), **c) for s, c in changes.items()})
 
 
 def load_conf(path: Union[str, Path], overrides: Optional[dict] = None, splits=('train', 'val', 'test')) -> Conf:
@@ -270,24 +323,74 @@ def load_conf(path: Union[str, Path], overrides: Optional[dict] = None, splits=(
     return validate(apply_overrides(read_conf(path), **(overrides or {})), splits=splits)
 
 
-# ------------------------------------------------------------------ validation
+# ------------------------------------------------------------------ checks
 
-def validate(conf: Conf, splits=('train', 'val', 'test')) -> Conf:
-    """Value and file-system checks; raises ConfError naming the key. Writes nothing."""
-    positive = ['max_epochs', 'batch_size', 'beam_size', 'max_len', 'log_interval']
-    for key in positive:
-        if getattr(conf, key) < 1:
-            raise ConfError(f'conf key "{key}" must be at least 1, got {getattr(conf, key)}')
-    for key in ['num_workers', 'no_repeat_ngram_size']:
-        if getattr(conf, key) < 0:
-            raise ConfError(f'conf key "{key}" must not be negative, got {getattr(conf, key)}')
-    if conf.precision not in PRECISIONS:
-        raise ConfError(f'conf key "precision" must be one of {", ".join(PRECISIONS)}, got {conf.precision!r}')
-    if not 0 <= conf.seed < 2 ** 32:
-        raise ConfError(f'conf key "seed" must be in [0, 2**32), got {conf.seed}')
+def _at_least(key: str, value, low) -> None:
+    if value is not None and value < low:
+        raise ConfError(f'conf key "{key}" must be at least {low}, got {value}')
+
+
+def check_prompt(prompt: Optional[str]) -> None:
+    """A prompt holds exactly one "{}" placeholder for the style; "{{" and "}}" are literal braces."""
+    if not prompt:
+        return
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(prompt) if name is not None]
+        prompt.format('STYLE')
+    except (IndexError, KeyError, ValueError):
+        fields = None
+    if fields != ['']:
+        raise ConfError(f'conf key "prompt" must hold exactly one "{{}}" for the style, got {prompt!r}')
+
+
+def _check_values(conf: Conf) -> None:
+    m, d, r, t, v, s, g = (conf.model, conf.data, conf.run, conf.train, conf.validation, conf.scst, conf.generation)
+    for key, value in [('max_epochs', t.max_epochs), ('batch_size', r.batch_size), ('beam_size', g.beam_size),
+                       ('max_len', g.max_len), ('log_interval', t.log_interval),
+                       ('max_train_samples', t.max_train_samples), ('checkpoint.interval', t.checkpoint.interval),
+                       ('checkpoint.max_checkpoint_num', t.checkpoint.max_checkpoint_num)]:
+        _at_least(key, value, 1)
+    for key, value in [('eval_interval', v.eval_interval), ('val_max_samples', v.val_max_samples)]:
+        if value is not None and value < 1:
+            raise ConfError(f'conf key "{key}" must be at least 1 (or null), got {value}')
+    for key, value in [('num_workers', r.num_workers), ('no_repeat_ngram_size', g.no_repeat_ngram_size)]:
+        if value < 0:
+            raise ConfError(f'conf key "{key}" must not be negative, got {value}')
+    for name, cls in SECTIONS.items():  # every key with choices
+        for f in dataclasses.fields(cls):
+            choices = f.metadata.get('choices')
+            value = getattr(getattr(conf, name), f.name)
+            if choices and value not in choices:
+                key = f'{name}.{f.name}' if name in NESTED_SECTIONS else f.name
+                raise ConfError(f'conf key "{key}" must be one of {", ".join(choices)}, got {value!r}')
+    if not 0 <= r.seed < 2 ** 32:
+        raise ConfError(f'conf key "seed" must be in [0, 2**32), got {r.seed}')
+    if not t.lr > 0:
+        raise ConfError(f'conf key "lr" must be positive, got {t.lr}')
+    if not 0 <= t.warmup < 1:
+        raise ConfError(f'conf key "warmup" is a fraction of all steps, in [0, 1), got {t.warmup}')
+    if t.weight_decay < 0:
+        raise ConfError(f'conf key "weight_decay" must not be negative, got {t.weight_decay}')
+    if not 0 <= t.label_smoothing < 1:
+        raise ConfError(f'conf key "label_smoothing" must be in [0, 1), got {t.label_smoothing}')
+    if v.best_metric == 'SPICE' and not v.val_spice:
+        raise ConfError('conf key "best_metric" is SPICE but "val_spice" is false: SPICE is not computed')
+    if s.candidates < 2:
+        raise ConfError(f'conf key "scst.candidates" must be at least 2 (the baseline is the others\' mean), '
+                        f'got {s.candidates}')
+    if not s.temperature > 0:
+        raise ConfError(f'conf key "scst.temperature" must be positive, got {s.temperature}')
+    for key in ['patch_image_size', 'max_image_size']:
+        value = getattr(m, key)
+        if value is not None and value < 16:
+            raise ConfError(f'conf key "{key}" must be at least 16 pixels, got {value}')
+    if m.patch_image_size and m.max_image_size and m.patch_image_size > m.max_image_size:
+        raise ConfError(f'conf key "patch_image_size" ({m.patch_image_size}) must not exceed '
+                        f'"max_image_size" ({m.max_image_size})')
+    check_prompt(m.prompt)
     names = {}
     for key in ('style', 'text', 'image', 'references'):
-        col = getattr(conf.columns, key)
+        col = getattr(d.columns, key)
         if col is None and key == 'references':
             continue
         if not col or not col.strip():
@@ -295,82 +398,54 @@ def validate(conf: Conf, splits=('train', 'val', 'test')) -> Conf:
         if col in names:
             raise ConfError(f'conf keys "columns.{names[col]}" and "columns.{key}" name the same column {col!r}')
         names[col] = key
-    if not conf.lr > 0:
-        raise ConfError(f'conf key "lr" must be positive, got {conf.lr}')
-    if not 0 <= conf.warmup < 1:
-        raise ConfError(f'conf key "warmup" is a fraction of all steps, in [0, 1), got {conf.warmup}')
-    if conf.weight_decay < 0:
-        raise ConfError(f'conf key "weight_decay" must not be negative, got {conf.weight_decay}')
-    if not 0 <= conf.label_smoothing < 1:
-        raise ConfError(f'conf key "label_smoothing" must be in [0, 1), got {conf.label_smoothing}')
-    if conf.max_train_samples is not None and conf.max_train_samples < 1:
-        raise ConfError(f'conf key "max_train_samples" must be at least 1, got {conf.max_train_samples}')
-    if conf.checkpoint.interval < 1:
-        raise ConfError(f'conf key "checkpoint.interval" must be at least 1, got {conf.checkpoint.interval}')
-    if conf.checkpoint.max_checkpoint_num is not None and conf.checkpoint.max_checkpoint_num < 1:
-        raise ConfError('conf key "checkpoint.max_checkpoint_num" must be at least 1, '
-                        f'got {conf.checkpoint.max_checkpoint_num}')
-    for key in ['eval_interval', 'val_max_samples']:
-        if getattr(conf, key) is not None and getattr(conf, key) < 1:
-            raise ConfError(f'conf key "{key}" must be at least 1 (or null), got {getattr(conf, key)}')
-    if conf.best_metric not in VAL_METRICS:
-        raise ConfError(f'conf key "best_metric" must be one of {", ".join(VAL_METRICS)}, got {conf.best_metric!r}')
-    if conf.best_metric == 'SPICE' and not conf.val_spice:
-        raise ConfError('conf key "best_metric" is SPICE but "val_spice" is false: SPICE is not computed')
-    if conf.stage not in STAGES:
-        raise ConfError(f'conf key "stage" must be one of {", ".join(STAGES)}, got {conf.stage!r}')
-    if conf.scst.candidates < 2:
-        raise ConfError(f'conf key "scst.candidates" must be at least 2 (the baseline is the others\' mean), '
-                        f'got {conf.scst.candidates}')
-    if conf.scst.search not in SCST_SEARCHES:
-        raise ConfError(f'conf key "scst.search" must be one of {", ".join(SCST_SEARCHES)}, got {conf.scst.search!r}')
-    if not conf.scst.temperature > 0:
-        raise ConfError(f'conf key "scst.temperature" must be positive, got {conf.scst.temperature}')
-    for key in ['patch_image_size', 'max_image_size']:
-        v = getattr(conf, key)
-        if v is not None and v < 16:
-            raise ConfError(f'conf key "{key}" must be at least 16 pixels, got {v}')
-    if conf.patch_image_size and conf.max_image_size and conf.patch_image_size > conf.max_image_size:
-        raise ConfError(f'conf key "patch_image_size" ({conf.patch_image_size}) must not exceed '
-                        f'"max_image_size" ({conf.max_image_size})')
-    if conf.prompt:
-        try:
-            filled = conf.prompt.format('STYLE')
-        except (IndexError, KeyError, ValueError):
-            filled = None
-        if filled is None or conf.prompt.count('{}') != 1:
-            raise ConfError(f'conf key "prompt" must hold exactly one "{{}}" for the style, got {conf.prompt!r}')
-    if not conf.file_attr:
+    if not d.file_attr:
         raise ConfError('conf key "file_attr" must not be empty (e.g. ".jpg")')
-    if not conf.work_dir:
+    if not r.work_dir:
         raise ConfError('conf key "work_dir" must not be empty')
-    if os.path.exists(conf.work_dir) and not os.path.isdir(conf.work_dir):
-        raise ConfError(f'conf key "work_dir": {conf.work_dir} exists and is not a folder')
 
-    if conf.image_cache and os.path.exists(conf.image_cache) and not os.path.isdir(conf.image_cache):
-        raise ConfError(f'conf key "image_cache": {conf.image_cache} exists and is not a folder')
-    if conf.model_is_local:
-        if not os.path.isdir(conf.model_name):
-            raise ConfError(f'conf key "model_name": local model dir {conf.model_name} does not exist '
-                            '(a hub id looks like owner/name)')
-        if not os.path.isfile(os.path.join(conf.model_name, 'configuration.json')):
-            raise ConfError(f'conf key "model_name": {conf.model_name} has no configuration.json '
+
+def _check_files(conf: Conf, splits) -> None:
+    m, d, r, t = conf.model, conf.data, conf.run, conf.train
+    if os.path.exists(r.work_dir) and not os.path.isdir(r.work_dir):
+        raise ConfError(f'conf key "work_dir": {r.work_dir} exists and is not a folder')
+    if t.image_cache and os.path.exists(t.image_cache) and not os.path.isdir(t.image_cache):
+        raise ConfError(f'conf key "image_cache": {t.image_cache} exists and is not a folder')
+    if m.is_local:
+        if not os.path.isdir(m.model_name):
+            raise ConfError(f'conf key "model_name": local model dir {m.model_name} does not exist '
+                            f'(a hub id looks like owner/name){_relative_hint(m.model_name)}')
+        if not os.path.isfile(os.path.join(m.model_name, 'configuration.json')):
+            raise ConfError(f'conf key "model_name": {m.model_name} has no configuration.json '
                             '(not a ModelScope model dir)')
-    if conf.stage == 'scst' and conf.model_is_local and not os.path.isfile(os.path.join(conf.model_name, 'style_map.json')):
+    if t.stage == 'scst' and m.is_local and not os.path.isfile(os.path.join(m.model_name, 'style_map.json')):
         raise ConfError(f'conf key "model_name": stage "scst" starts from a model this toolkit trained with cross-entropy '
-                        f'(its output/ or output_best/ dir, with style_map.json); {conf.model_name} has no style_map.json')
-    if not os.path.isdir(conf.img_addr):
-        raise ConfError(f'conf key "img_addr": folder {conf.img_addr} does not exist')
-    if not os.path.isdir(conf.dataset_path):
-        raise ConfError(f'conf key "dataset_path": folder {conf.dataset_path} does not exist')
-
+                        f'(its output/ or output_best/ dir, with style_map.json); {m.model_name} has no style_map.json')
+    if not os.path.isdir(d.img_addr):
+        raise ConfError(f'conf key "img_addr": folder {d.img_addr} does not exist{_relative_hint(d.img_addr)}')
+    if not os.path.isdir(d.dataset_path):
+        raise ConfError(f'conf key "dataset_path": folder {d.dataset_path} does not exist'
+                        f'{_relative_hint(d.dataset_path)}')
     for split in ('train', 'val', 'test'):
-        p = conf.split_path(split)
+        p = d.split_path(split)
         if p.suffix.lower() not in DATA_SUFFIXES:
             raise ConfError(f'conf key "{split}_json": {p.name} is not a data file this toolkit reads '
                             f'({", ".join(DATA_SUFFIXES)})')
     for split in splits:
-        p = conf.split_path(split)
+        p = d.split_path(split)
         if not p.is_file():
             raise ConfError(f'conf key "{split}_json": file {p} does not exist')
+
+
+def _relative_hint(path: str) -> str:
+    """For a relative path that is missing: where it was looked for (relative paths are read from the
+    current directory, not from the conf file's)."""
+    if os.path.isabs(path):
+        return ''
+    return f' (relative paths are read from the current directory: looked for {os.path.abspath(path)})'
+
+
+def validate(conf: Conf, splits=('train', 'val', 'test')) -> Conf:
+    """Value and file-system checks; raises ConfError naming the key. Writes nothing."""
+    _check_values(conf)
+    _check_files(conf, splits)
     return conf

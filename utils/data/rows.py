@@ -252,5 +252,5 @@ def load_split(conf, split: str, *, limit: Optional[int] = None, check_images: b
                ) -> Tuple[List[dict], SplitStats]:
     """The rows of one split of a conf (``train``, ``val`` or ``test``): ``[{"style", "text", "image",
     "references", "row"}]`` and the counts of what was skipped. The one way every entry point reads data."""
-    return read_split(conf.split_path(split), conf.img_addr, conf.file_attr, split, columns=conf.columns,
-                      strict=conf.strict, check_images=check_images, limit=limit)
+    return read_split(conf.data.split_path(split), conf.data.img_addr, conf.data.file_attr, split, columns=conf.data.columns,
+                      strict=conf.data.strict, check_images=check_images, limit=limit)

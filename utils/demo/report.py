@@ -19,8 +19,7 @@ def demo_report(conf: Conf, output: str) -> dict:
     rows, _ = load_split(conf, 'test')
     images = sorted({r['image'] for r in rows})
     items = [{'image': img, 'style': s} for img in images for s in STYLES]
-    captioner = Captioner(output, beam_size=conf.beam_size, max_len=conf.max_len,
-                          no_repeat_ngram_size=conf.no_repeat_ngram_size, precision=conf.precision)
+    captioner = Captioner(output, conf.generation, precision=conf.run.precision)
     caps = captioner.caption(items, batch_size=32)
     truth = {r['image']: r['text'] for r in rows}
     followed = content = 0

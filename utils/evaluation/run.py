@@ -27,12 +27,12 @@ def evaluate(conf, checkpoint: Optional[str], stamp: str, rows: List[dict], stat
     captioner = load_captioner(conf, model, checkpoint=checkpoint + '.pth' if checkpoint else None)
     neutral = withhold_style(captioner) if style_blind else None
     items = [{'style': neutral or r['style'], 'image': r['image']} for r in rows]
-    captions = captioner.caption(items, batch_size=conf.batch_size, num_workers=conf.num_workers)
+    captions = captioner.caption(items, batch_size=conf.run.batch_size, num_workers=conf.run.num_workers)
 
     model = captioner.model_dir
     # the inference file's schema (pre_inference.py), references always a list, plus what eval knows
     result = {
-        'model_name': conf.model_name, 'model_revision': conf.model_revision, 'n_eval_sample': len(rows),
+        'model_name': conf.model.model_name, 'model_revision': conf.model.model_revision, 'n_eval_sample': len(rows),
         'results': [{'style': r['style'], 'image': r['image'], 'caption': c, 'reference': r['references']}
                     for r, c in zip(rows, captions)],
         'mode': 'eval', 'time': stamp, 'model': model, 'checkpoint': checkpoint,
@@ -40,7 +40,7 @@ def evaluate(conf, checkpoint: Optional[str], stamp: str, rows: List[dict], stat
         'style_blind': style_blind,
         'data': {'test': stats.to_dict()},
     }
-    path = unique_path(conf.work_dir, 'eval', stamp)
+    path = unique_path(conf.run.work_dir, 'eval', stamp)
     write_json_atomic(path, result)  # the predictions first: a scoring failure loses no captions
     scored = score_file(path, conf, model_dir=model, data=result)  # what `python -m utils.metrics` does
     metrics = result['metrics'] = scored['metrics']
@@ -50,7 +50,7 @@ def evaluate(conf, checkpoint: Optional[str], stamp: str, rows: List[dict], stat
     print(format_table(metrics))
     logger.info('eval results: %s', path)
     try:
-        write_report(result, path, conf.work_dir)
+        write_report(result, path, conf.run.work_dir)
     except Exception as exc:  # noqa: BLE001 - the page is a view of the JSON, which is already written
         logger.warning('could not write the HTML report: %s', exc)
     if log_csv:

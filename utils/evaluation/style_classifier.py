@@ -278,7 +278,7 @@ def classifier_for_conf(conf, model_dir: Optional[str] = None) -> Tuple[Optional
             logger.warning('train split unreadable (%s); using the style classifier kept in %s', exc, carried)
             return clf, f'style classifier kept with the model ({carried}); the train split was unreadable'
         return None, f'style accuracy unavailable: the train split is needed to train the style classifier ({exc})'
-    clf = classifier_for_rows(rows, conf.work_dir, model_dir)
+    clf = classifier_for_rows(rows, conf.run.work_dir, model_dir)
     return clf, f'style classifier trained on {len(rows)} train captions, {len(clf.styles)} styles'
 
 

@@ -72,8 +72,8 @@ class ScstCriterion(torch.nn.Module):
         self.n = conf.scst.candidates
         strategy = search.Sampling(tokenizer) if conf.scst.search == 'sample' else None
         self.generator = sg.SequenceGenerator(
-            tokenizer=tokenizer, beam_size=self.n, max_len_b=conf.max_len, min_len=1,
-            no_repeat_ngram_size=conf.no_repeat_ngram_size, search_strategy=strategy,
+            tokenizer=tokenizer, beam_size=self.n, max_len_b=conf.generation.max_len, min_len=1,
+            no_repeat_ngram_size=conf.generation.no_repeat_ngram_size, search_strategy=strategy,
             temperature=conf.scst.temperature if conf.scst.search == 'sample' else 1.0)
         self.log_buffer = None  # the trainer's: mean reward and baseline go into its log lines
 

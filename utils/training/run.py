@@ -24,7 +24,7 @@ def train(conf: Conf, checkpoint: Optional[str], stamp: str, rows: List[dict], s
     model_dir = assembly.model_dir_of(conf)
     trainer = assembly.build_trainer(conf, rows, style_map, model_dir)
     validation = None
-    if val_rows and (conf.eval_interval or conf.eval_every_epoch):
+    if val_rows and (conf.validation.eval_interval or conf.validation.eval_every_epoch):
         validation = ValidationHook(conf, val_rows, style_map, resuming=checkpoint is not None)
         trainer.register_hook(validation)
     try:
@@ -33,13 +33,13 @@ def train(conf: Conf, checkpoint: Optional[str], stamp: str, rows: List[dict], s
     finally:
         if validation is not None:
             validation.close()
-        assembly.detach_file_logs(conf.work_dir)
-    output = os.path.join(conf.work_dir, OUTPUT_DIR)
+        assembly.detach_file_logs(conf.run.work_dir)
+    output = os.path.join(conf.run.work_dir, OUTPUT_DIR)
     summary = {'mode': 'train', 'time': stamp, 'checkpoint': checkpoint, 'output': output,
                'conf': conf.to_dict(), 'data': {'train': stats.to_dict()}, 'styles': len(style_map.tokens),
                'iterations': trainer.iter}
     if validation is not None and validation.best.value is not None:
-        summary['best'] = {'metric': conf.best_metric, 'value': validation.best.value,
+        summary['best'] = {'metric': conf.validation.best_metric, 'value': validation.best.value,
                            'iteration': validation.best.iteration, 'output': validation.best.dir}
     if distributed.launched():
         summary['world_size'] = distributed.world_size()

@@ -48,7 +48,7 @@ class Scst(Stage):
         for row in rows:  # the references of each (image, style) pair of the train split
             refs = groups.setdefault((row['image'], row['style']), [])
             refs.extend(r for r in row['references'] if r not in refs)
-        cider = CiderD.cached(conf.work_dir, list(groups.values()))
+        cider = CiderD.cached(conf.run.work_dir, list(groups.values()))
         model = trainer.unwrap_module(trainer.model)
         criterion = ScstCriterion(conf, model.tokenizer, [groups[(r['image'], r['style'])] for r in rows], cider)
         speed_up(model, criterion.generator)  # candidates: the decoder's key/value cache, the vectorised blocker

@@ -18,11 +18,11 @@ logger = logging.getLogger(__name__)
 
 
 def model_dir_of(conf: Conf) -> str:
-    """The local dir of conf.model_name: the dir itself, or the hub snapshot (downloaded if needed)."""
-    if conf.model_is_local:
-        return conf.model_name
+    """The local dir of conf.model.model_name: the dir itself, or the hub snapshot (downloaded if needed)."""
+    if conf.model.is_local:
+        return conf.model.model_name
     from modelscope.hub.snapshot_download import snapshot_download
-    return snapshot_download(conf.model_name, revision=conf.model_revision)
+    return snapshot_download(conf.model.model_name, revision=conf.model.model_revision)
 
 
 def make_cfg_modify_fn(conf: Conf):
@@ -32,40 +32,40 @@ def make_cfg_modify_fn(conf: Conf):
     def cfg_modify_fn(cfg):
         cfg.task = 'image-captioning'  # a pretrain checkpoint becomes a captioning model
         cfg.pipeline = {'type': 'image-captioning'}
-        for key, value in conf.model_cfg.items():
+        for key, value in conf.model.model_cfg.items():
             if value is not None:
                 cfg.model[key] = value
-        cfg.model['beam_search'] = {'beam_size': conf.beam_size, 'max_len_b': conf.max_len, 'min_len': 1,
-                                    'no_repeat_ngram_size': conf.no_repeat_ngram_size}
+        cfg.model['beam_search'] = {'beam_size': conf.generation.beam_size, 'max_len_b': conf.generation.max_len, 'min_len': 1,
+                                    'no_repeat_ngram_size': conf.generation.no_repeat_ngram_size}
         cfg.train = {
-            'work_dir': conf.work_dir,
-            'max_epochs': conf.max_epochs,
-            'dataloader': {'batch_size_per_gpu': conf.batch_size, 'workers_per_gpu': conf.num_workers,
+            'work_dir': conf.run.work_dir,
+            'max_epochs': conf.train.max_epochs,
+            'dataloader': {'batch_size_per_gpu': conf.run.batch_size, 'workers_per_gpu': conf.run.num_workers,
                            'shuffle': True, 'pin_memory': torch.cuda.is_available(),
-                           'persistent_workers': conf.num_workers > 0},
+                           'persistent_workers': conf.run.num_workers > 0},
             # fused: torch's one-kernel AdamW (same update rule as the default per-parameter loop, ~3x faster)
-            'optimizer': {'type': 'AdamW', 'lr': conf.lr, 'weight_decay': conf.weight_decay, 'fused': True},
-            'lr_scheduler': {'name': 'polynomial_decay', 'warmup_proportion': conf.warmup, 'lr_end': 1e-7},
+            'optimizer': {'type': 'AdamW', 'lr': conf.train.lr, 'weight_decay': conf.train.weight_decay, 'fused': True},
+            'lr_scheduler': {'name': 'polynomial_decay', 'warmup_proportion': conf.train.warmup, 'lr_end': 1e-7},
             'lr_scheduler_hook': {'type': 'LrSchedulerHook', 'by_epoch': False},
             'optimizer_hook': {'type': 'OptimizerHook', 'grad_clip': {'max_norm': 1.0, 'norm_type': 2},
                                'loss_keys': 'loss'},
             'criterion': {'name': 'AdjustLabelSmoothedCrossEntropyCriterion',
-                          'label_smoothing': conf.label_smoothing, 'ignore_prefix_size': 0,
+                          'label_smoothing': conf.train.label_smoothing, 'ignore_prefix_size': 0,
                           'ignore_eos': False, 'report_accuracy': False, 'sentence_avg': False,
                           'drop_worst_ratio': 0.0, 'drop_worst_after': 0, 'use_rdrop': False,
                           'reg_alpha': 1.0, 'sample_patch_num': 196, 'constraint_range': None},
             'hooks': [
-                {'type': 'CheckpointHook', 'by_epoch': conf.checkpoint.by_epoch,
-                 'interval': conf.checkpoint.interval, 'max_checkpoint_num': conf.checkpoint.max_checkpoint_num,
+                {'type': 'CheckpointHook', 'by_epoch': conf.train.checkpoint.by_epoch,
+                 'interval': conf.train.checkpoint.interval, 'max_checkpoint_num': conf.train.checkpoint.max_checkpoint_num,
                  'output_sub_dir': OUTPUT_DIR},
-                {'type': 'TextLoggerHook', 'interval': conf.log_interval},
+                {'type': 'TextLoggerHook', 'interval': conf.train.log_interval},
                 {'type': 'IterTimerHook'},
             ],
         }
         if distributed.launched():
             cfg.train['hooks'].append({'type': distributed.HOOK_TYPE})
-        cfg.evaluation = {'dataloader': {'batch_size_per_gpu': conf.batch_size,
-                                         'workers_per_gpu': conf.num_workers}, 'metrics': []}
+        cfg.evaluation = {'dataloader': {'batch_size_per_gpu': conf.run.batch_size,
+                                         'workers_per_gpu': conf.run.num_workers}, 'metrics': []}
         return cfg
     return cfg_modify_fn
 
@@ -80,33 +80,33 @@ def build_trainer(conf: Conf, rows: List[dict], style_map, model_dir: str):
 
     preprocessor = {
         split: OfaPreprocessorForStylishIC(model_dir, mode=mode, style_map=style_map,
-                                           model_cfg=conf.model_cfg, no_collate=True)
+                                           model_cfg=conf.model.model_cfg, no_collate=True)
         for split, mode in (('train', 'train'), ('val', 'eval'))
     }
-    if conf.image_cache:
+    if conf.train.image_cache:
         from utils.data.image_cache import ImageCache
         train = preprocessor['train'].preprocess
         images = [r['image'] for r in rows]
         if not distributed.is_main():  # rank 0 builds the cache; the others open it once it is complete
             distributed.barrier()
-        cache = ImageCache.open_or_build(conf.image_cache, images, train.patch_image_size,
-                                         workers=max(1, conf.num_workers))
+        cache = ImageCache.open_or_build(conf.train.image_cache, images, train.patch_image_size,
+                                         workers=max(1, conf.run.num_workers))
         if distributed.is_main():
             distributed.barrier()
         train.use_image_cache(cache)
-    stage = STAGES[conf.stage]
+    stage = STAGES[conf.train.stage]
     dataset = stage.dataset(rows, preprocessor['train'])
     from utils.patches.train_step import TrainStepHook  # also registers distributed.HOOK_TYPE
     from utils.training.progress import ProgressHook, modelscope_console
-    modelscope_console(conf.verbose)
-    with no_hub_check_for_local_model(conf.model_is_local):
-        trainer = OFATrainer(model=conf.model_name, model_revision=conf.model_revision,
+    modelscope_console(conf.run.verbose)
+    with no_hub_check_for_local_model(conf.model.is_local):
+        trainer = OFATrainer(model=conf.model.model_name, model_revision=conf.model.model_revision,
                              cfg_modify_fn=make_cfg_modify_fn(conf), train_dataset=dataset,
-                             preprocessor=preprocessor, work_dir=conf.work_dir, seed=conf.seed)
+                             preprocessor=preprocessor, work_dir=conf.run.work_dir, seed=conf.run.seed)
     use_atomic_checkpoints(trainer)
-    trainer.register_hook(TrainStepHook(conf.precision))
+    trainer.register_hook(TrainStepHook(conf.run.precision))
     if distributed.is_main():
-        trainer.register_hook(ProgressHook(conf.log_interval))
+        trainer.register_hook(ProgressHook(conf.train.log_interval))
     stage.install(trainer, conf, rows)
     return trainer
 

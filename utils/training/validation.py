@@ -41,7 +41,7 @@ def load_val_rows(conf, style_map) -> List[dict]:
     a style the model is not trained with cannot be captioned: they are skipped, counted and named."""
     from utils.data.rows import load_split
 
-    rows, _ = load_split(conf, 'val', limit=conf.val_max_samples)
+    rows, _ = load_split(conf, 'val', limit=conf.validation.val_max_samples)
     known = [r for r in rows if r['style'] in style_map.tokens]
     if len(known) < len(rows):
         unknown = sorted({r['style'] for r in rows} - set(style_map.tokens))
@@ -49,7 +49,7 @@ def load_val_rows(conf, style_map) -> List[dict]:
                        len(rows) - len(known), ', '.join(unknown[:5]) + (', ...' if len(unknown) > 5 else ''))
     if not known:
         from utils.core.errors import DataError
-        raise DataError(f'val file {conf.split_path("val")}: no row has a style of the train split')
+        raise DataError(f'val file {conf.data.split_path("val")}: no row has a style of the train split')
     return known
 
 
@@ -71,12 +71,11 @@ class LiveCaptioner:
         was_training = model.training  # (building the Captioner puts the model in eval mode)
         if self.captioner is None or self.captioner.model is not model:
             self.captioner = Captioner(
-                model, beam_size=self.conf.beam_size, max_len=self.conf.max_len,
-                no_repeat_ngram_size=self.conf.no_repeat_ngram_size, precision=self.conf.precision,
+                model, self.conf.generation, precision=self.conf.run.precision,
                 device=str(next(model.parameters()).device), style_map=self.style_map,
-                model_cfg=self.conf.model_cfg)
+                model_cfg=self.conf.model.model_cfg)
         try:
-            return self.captioner.caption(items, batch_size=self.conf.batch_size, progress=distributed.is_main())
+            return self.captioner.caption(items, batch_size=self.conf.run.batch_size, progress=distributed.is_main())
         finally:
             model.train(was_training)
 
@@ -117,10 +116,10 @@ class ValidationHook(Hook):
 
         self.conf, self.rows = conf, rows
         self.captioner = LiveCaptioner(conf, style_map)
-        self.best = BestModel(conf.work_dir, conf.best_metric)
+        self.best = BestModel(conf.run.work_dir, conf.validation.best_metric)
         self.resuming = resuming
         self.last_validated = None  # iteration of the last validation (an epoch end may coincide with the interval)
-        self.path = os.path.join(conf.work_dir, VAL_METRICS_FILE)
+        self.path = os.path.join(conf.run.work_dir, VAL_METRICS_FILE)
         self.meteor = None  # rank 0's METEOR process, kept for all the validations of the run
 
     def before_run(self, trainer):
@@ -131,23 +130,23 @@ class ValidationHook(Hook):
         else:  # a fresh run: an earlier run's figures and best model are not this run's
             self.best.forget()
             if os.path.isfile(self.path):
-                aside = os.path.join(self.conf.work_dir, f'val_metrics_{time.strftime("%Y%m%d_%H%M%S")}.jsonl')
+                aside = os.path.join(self.conf.run.work_dir, f'val_metrics_{time.strftime("%Y%m%d_%H%M%S")}.jsonl')
                 os.replace(self.path, aside)
                 logger.info('an earlier run\'s %s moved to %s', VAL_METRICS_FILE, aside)
 
     def after_train_iter(self, trainer):
         done = trainer.iter + 1  # trainer.iter counts from 0 and is incremented after this hook
-        if self.conf.eval_interval and done % self.conf.eval_interval == 0:
+        if self.conf.validation.eval_interval and done % self.conf.validation.eval_interval == 0:
             self.validate(trainer, done, trainer.epoch + 1)
 
     def after_train_epoch(self, trainer):
-        if self.conf.eval_every_epoch:
+        if self.conf.validation.eval_every_epoch:
             self.validate(trainer, trainer.iter, trainer.epoch + 1)
 
     def after_run(self, trainer):
         self.close()
         if distributed.is_main():
-            draw_curves(self.conf.work_dir)
+            draw_curves(self.conf.run.work_dir)
 
     def close(self) -> None:
         if self.meteor is not None:
@@ -170,9 +169,9 @@ class ValidationHook(Hook):
         from utils.evaluation.scoring import score, start_meteor
         if self.meteor is None:
             self.meteor = start_meteor()
-        scores = score(captions, [r['references'] for r in self.rows], spice=self.conf.val_spice, meteor=self.meteor)
+        scores = score(captions, [r['references'] for r in self.rows], spice=self.conf.validation.val_spice, meteor=self.meteor)
         metrics = {k: v for k, v in scores.items() if k in VAL_METRICS and v is not None}
-        improved = self.best.offer(metrics[self.conf.best_metric], iteration, epoch, trainer)
+        improved = self.best.offer(metrics[self.conf.validation.best_metric], iteration, epoch, trainer)
         record = {'iteration': iteration, 'epoch': epoch, 'metrics': metrics,
                   'seconds': round(time.perf_counter() - start, 3), 'n_samples': len(self.rows),
                   'best': improved}
@@ -181,11 +180,11 @@ class ValidationHook(Hook):
         logger.info('validation at iteration %d (epoch %d, %d val rows, %.1f s): %s%s', iteration, epoch,
                     len(self.rows), record['seconds'],
                     ', '.join(f'{k} {100 * metrics[k]:.1f}' for k in LOGGED if k in metrics),
-                    f'; new best {self.conf.best_metric} -> output_best' if improved else
-                    f'; best {self.conf.best_metric} {100 * self.best.value:.1f} at iteration {self.best.iteration}')
+                    f'; new best {self.conf.validation.best_metric} -> output_best' if improved else
+                    f'; best {self.conf.validation.best_metric} {100 * self.best.value:.1f} at iteration {self.best.iteration}')
         for cap, row in list(zip(captions, self.rows))[:3]:
             logger.info('  %-12s -> %s', row['style'], cap)
-        draw_curves(self.conf.work_dir)
+        draw_curves(self.conf.run.work_dir)
         distributed.barrier()
         return record
 
