@@ -17,9 +17,10 @@ from utils.core.workdir import WorkDirLock
 from utils.training.resume import resolve_checkpoint
 from utils.core import distributed
 from utils.core.layout import OUTPUT_DIR
-from utils.core.conf import Conf, apply_overrides, read_conf, validate
+from utils.core.conf import Conf, apply_overrides, read_conf
+from utils.core.conf_checks import validate
 from utils.core.flags import add_conf_flags, conf_overrides
-from utils.core.errors import ConfError
+from utils.core.errors import CheckpointError, UsageError
 
 logger = logging.getLogger('finetune')
 
@@ -27,8 +28,8 @@ logger = logging.getLogger('finetune')
 # ---------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command's own flags; every conf key of the command's sections is a flag too (utils/conf.py
-    add_conf_flags: its help is the key's comment in Conf, its default the conf's value)."""
+    """The command's own flags; every conf key of the command's sections is a flag too (utils/core/flags.py
+    add_conf_flags: its help is the key's help in utils/core/conf.py, with its default)."""
     parser = argparse.ArgumentParser(prog='finetune.py', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = parser.add_subparsers(dest='mode', required=True, metavar='{train,eval}')
@@ -36,13 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = modes.add_parser('eval', help='caption the test split and score it')
     for p in (train, evaluate):
         p.add_argument('-c', '--conf', required=True, help='path to the JSON conf')
-        p.add_argument('-p', '--checkpoint', default=None,
-                       help='train: resume from this CheckpointHook checkpoint (work_dir/iter_N or its '
-                            'iter_N.pth), or "latest"; eval: score this checkpoint instead of work_dir/output')
+    train.add_argument('-p', '--checkpoint', metavar='CKPT',
+                       help='resume from this CheckpointHook checkpoint (work_dir/iter_N or its iter_N.pth), or '
+                            '"latest": the newest readable one in work_dir (default: a fresh run from model_name)')
+    evaluate.add_argument('-p', '--checkpoint', metavar='CKPT',
+                          help="score this CheckpointHook checkpoint's weights (work_dir/iter_N or its iter_N.pth), "
+                               "loaded into -m's model dir (default: the model dir's own weights)")
+    for p in (train, evaluate):
         p.add_argument('--debug', action='store_true', help='show the traceback of an error')
-    evaluate.add_argument('-m', '--model', help='model dir to score, e.g. work_dir/output_best (default: work_dir/output)')
-    evaluate.add_argument('-n', '--n_samples', type=int, help='score only the first N test rows')
-    evaluate.add_argument('-l', '--log_csv', help='append one row of metrics to this CSV file')
+    evaluate.add_argument('-m', '--model', metavar='MODEL',
+                          help='the model that captions: a model dir, e.g. work_dir/output_best, or a hub id '
+                               "(default: work_dir/output; the conf's model_name is only recorded, as the base model)")
+    evaluate.add_argument('-n', '--n_samples', type=int, metavar='N', help='score only the first N test rows (default: all)')
+    evaluate.add_argument('-l', '--log_csv', metavar='FILE.csv', help='also append one row of metrics to this CSV file')
     evaluate.add_argument('--style_blind', action='store_true',
                           help='ablation: caption every row with the same neutral style input (the prompt with '
                                'an empty style slot); style accuracy then shows how much the model uses the style')
@@ -77,7 +84,7 @@ def build_style_map(conf: Conf, rows: List[dict], checkpoint: Optional[str]):
         if before != style_map:
             changed = sorted(set(before.tokens.items()) ^ set(style_map.tokens.items()))[:3]
             what = 'tokenize_style or prompt' if not changed else ', '.join(f'{s!r}' for s, _ in changed)
-            raise ConfError(f'resuming {checkpoint}: the styles differ from those it was trained with '
+            raise CheckpointError(f'resuming {checkpoint}: the styles differ from those it was trained with '
                             f'({saved}/style_map.json), e.g. {what}; resume with the same data and conf')
     logger.info('%d train rows, %d styles (%s in the prompt)', len(rows), len(style_map.tokens),
                 'style tokens' if conf.model.tokenize_style else 'style words')
@@ -111,15 +118,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def prepare():  # every check that can fail on bad input, before anything is written
         from utils.training.validation import load_val_rows
+        if getattr(args, 'n_samples', None) is not None and args.n_samples < 1:
+            raise UsageError(f'-n must be at least 1, got {args.n_samples}')
         conf = apply_overrides(read_conf(args.conf), **conf_overrides(args))
+        if args.mode == 'eval':  # first: without a trained model, eval builds no demo assets either
+            from utils.captioning.captioner import trained_model_dir
+            trained_model_dir(conf, args.model)
         if conf.data.demo:  # the demo conf's tiny model and data set, built where missing
             from utils.demo.data import ensure_demo_assets
             ensure_demo_assets(conf.model.model_name, conf.data.dataset_path, conf.data.img_addr, conf.model.patch_image_size or 64)
         validate(conf, splits=('train', 'val') if args.mode == 'train' else ('test',))
         checkpoint = resolve_checkpoint(args.checkpoint, conf.run.work_dir)
-        if args.mode == 'eval':
-            from utils.captioning.captioner import trained_model_dir
-            trained_model_dir(conf, args.model)
         rows, stats = read_data(conf, args.mode, getattr(args, 'n_samples', None))
         style_map = build_style_map(conf, rows, checkpoint) if args.mode == 'train' else None
         val_rows = load_val_rows(conf, style_map) if args.mode == 'train' else None

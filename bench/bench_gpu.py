@@ -111,7 +111,8 @@ def main(argv=None) -> int:
     from bench.bench_train import realistic_images, stock_trainer
     from utils.captioning.captioner import Captioner
     from utils.core.conf import GenerationConf
-    from utils.core.conf import DEFAULT_PROMPT, conf_from_dict, validate
+    from utils.core.conf import DEFAULT_PROMPT, conf_from_dict
+    from utils.core.conf_checks import validate
     from utils.data.rows import read_split
     from utils.demo.data import COLOURS, SHAPES, STYLES, caption
     from utils.data.styles import StyleMap
@@ -148,8 +149,8 @@ def main(argv=None) -> int:
                 'checkpoint': {'by_epoch': True, 'interval': 1000}, **extra}))
 
         base = conf('stock')
-        train_rows, _ = read_split(base.split_path('train'), base.img_addr, base.file_attr, 'train')
-        style_map = StyleMap.build(list(STYLES), True, base.prompt_template)
+        train_rows, _ = read_split(base.data.split_path('train'), base.data.img_addr, base.data.file_attr, 'train')
+        style_map = StyleMap.build(list(STYLES), True, base.model.prompt_template)
         results = {}
         if not args.skip_stock:
             results['stock OFATrainer, fp32'] = measure(stock_trainer(base, train_rows), args.batch, args.warmup)

@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     import torch
 
     from utils.training import trainer as assembly
-    from utils.core.conf import conf_from_dict, validate
+    from utils.core.conf import conf_from_dict
+    from utils.core.conf_checks import validate
     from utils.data.rows import read_split
     from utils.demo.data import COLOURS, SHAPES, STYLES, caption
     from utils.data.styles import StyleMap
@@ -107,8 +108,8 @@ def main(argv=None) -> int:
             'max_image_size': args.size, 'checkpoint': {'by_epoch': True, 'interval': 1000}, **extra}))
 
     base = conf('stock')
-    train_rows, _ = read_split(base.split_path('train'), base.img_addr, base.file_attr, 'train')
-    style_map = StyleMap.build(list(STYLES), True, base.prompt_template)
+    train_rows, _ = read_split(base.data.split_path('train'), base.data.img_addr, base.data.file_attr, 'train')
+    style_map = StyleMap.build(list(STYLES), True, base.model.prompt_template)
     results = {}
 
     # warm-up: the first training in a process pays one-off costs (thread pools, allocator); untimed

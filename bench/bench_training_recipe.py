@@ -50,7 +50,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from utils.core.conf import conf_from_dict, validate
+    from utils.core.conf import conf_from_dict
+    from utils.core.conf_checks import validate
     from utils.data.rows import load_split
     from utils.demo.data import COLOURS, SHAPES, STYLES, build_demo_data, caption
     from utils.evaluation.scoring import score, start_meteor, stop_meteor

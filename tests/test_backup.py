@@ -1,7 +1,7 @@
 """python3 -m utils.backup_model: backup, --verify and --restore of the tiny trained model.
 
-The `trained` work_dir is shared with other test modules: archives go to tmp_path (-o), nothing is
-written to that work_dir.
+Archives go to tmp_path (-o). A backup holds work_dir's lock (its file is written), so this module backs up
+its own copy of the session's `trained` run (the `trained` fixture below), which stays read-only.
 """
 import io
 import json
@@ -16,8 +16,11 @@ import torch
 
 import pre_inference
 from utils import __version__
-from utils.backup import backup as backup_model
+from utils import backup_model
+from utils.backup import archive as backup_archive
+from utils.backup import create as backup_create
 from utils.core.conf import read_conf
+from conftest import copy_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 PATH_KEYS = ('img_addr', 'dataset_path', 'work_dir')
@@ -103,6 +106,12 @@ def captions(conf_path, out_dir, *model):
 
 
 @pytest.fixture(scope='module')
+def trained(trained, tmp_path_factory):
+    """This module's copy of the session's trained run: (conf path, work_dir), as `trained` gives them."""
+    return copy_trained(trained, tmp_path_factory.mktemp('backup_trained'))
+
+
+@pytest.fixture(scope='module')
 def archive(trained, tmp_path_factory):
     """A full backup of the trained model, made once for the read-only tests."""
     return make_backup(trained[0], tmp_path_factory.mktemp('backups'))
@@ -110,13 +119,14 @@ def archive(trained, tmp_path_factory):
 
 # ---------------------------------------------------------------- backup + restore
 
+@pytest.mark.integration
 @pytest.mark.parametrize('mode', [[], ['-e']], ids=['full', 'shareable'])
 def test_round_trip_gives_the_same_captions(trained, tmp_path, capsys, mode):
     conf_path, work = trained
     path = make_backup(conf_path, tmp_path / 'out', *mode)
     conf = read_conf(conf_path)
     top = path.name[:-len('.tar.gz')]
-    assert top.startswith(backup_model.short_model_name(conf.model.model_name) + '_')
+    assert top.startswith(backup_create.short_model_name(conf.model.model_name) + '_')
     names = set(members(path))
     assert all(n == top or n.startswith(top + '/') for n in names)  # a single top folder
     assert {f'{top}/conf.json', f'{top}/manifest.json', f'{top}/model/pytorch_model.bin',
@@ -147,6 +157,7 @@ def test_round_trip_gives_the_same_captions(trained, tmp_path, capsys, mode):
     assert len(original) == 4 and restored == original
 
 
+@pytest.mark.integration
 def test_checkpoint_archive_holds_that_checkpoints_weights(trained, tmp_path, capsys):
     from modelscope.models import Model
     conf_path, work = trained
@@ -168,6 +179,7 @@ def test_checkpoint_archive_holds_that_checkpoints_weights(trained, tmp_path, ca
     assert any(not torch.equal(v, final[k]) for k, v in ckpt.items())  # not the output's weights
 
 
+@pytest.mark.integration
 def test_wrapped_or_foreign_checkpoint(trained, make_conf, tmp_path, capsys):
     """A {"state_dict": ...} checkpoint is unwrapped; one of another model is refused, naming it."""
     from modelscope.models import Model
@@ -192,6 +204,7 @@ def test_wrapped_or_foreign_checkpoint(trained, make_conf, tmp_path, capsys):
     assert not (tmp_path / 'bad').exists() or listing(tmp_path / 'bad') == []
 
 
+@pytest.mark.integration
 def test_shareable_archive_has_no_local_paths(trained, tmp_path):
     conf_path, _ = trained
     raw = json.loads(Path(conf_path).read_text())
@@ -211,6 +224,7 @@ def test_shareable_archive_has_no_local_paths(trained, tmp_path):
     assert json.loads(member(path, '/manifest.json'))['conf_mode'] == 'shareable'
 
 
+@pytest.mark.integration
 def test_no_conf_and_conflicting_flags(trained, tmp_path, capsys):
     conf_path, _ = trained
     path = make_backup(conf_path, tmp_path / 'out', '-n')
@@ -233,12 +247,14 @@ def test_no_conf_and_conflicting_flags(trained, tmp_path, capsys):
     (['--verify', 'a.tar.gz', '-e'], '-e'),
     (['--conf', 'c.json', '--bogus'], '--bogus'),
 ])
+@pytest.mark.unit
 def test_bad_command_lines_are_one_line_errors(argv, culprit, capsys):
     assert backup_model.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith('error: ') and err.count('\n') == 1 and culprit in err
 
 
+@pytest.mark.integration
 def test_bad_conf_and_untrained_work_dir(make_conf, trained, tmp_path, capsys):
     assert run('--conf', make_conf(batch_size=0), '-o', tmp_path / 'a') == 2
     assert 'batch_size' in capsys.readouterr().err
@@ -253,10 +269,11 @@ def test_bad_conf_and_untrained_work_dir(make_conf, trained, tmp_path, capsys):
 
 # ---------------------------------------------------------------- never overwrite, atomic
 
+@pytest.mark.integration
 def test_existing_archive_is_never_overwritten(trained, tmp_path, monkeypatch):
     conf_path, _ = trained
-    monkeypatch.setattr(backup_model, 'timestamp', lambda: '20990101_000000')
-    name = backup_model.short_model_name(read_conf(conf_path).model_name) + '_20990101_000000'
+    monkeypatch.setattr(backup_create, 'timestamp', lambda: '20990101_000000')
+    name = backup_create.short_model_name(read_conf(conf_path).model.model_name) + '_20990101_000000'
     taken = tmp_path / f'{name}.tar.gz'
     taken.write_bytes(b'an older archive')
     first = make_backup(conf_path, tmp_path)
@@ -267,12 +284,13 @@ def test_existing_archive_is_never_overwritten(trained, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([taken.name, first.name, second.name])
 
 
-@pytest.mark.parametrize('exc', [RuntimeError, KeyboardInterrupt])
-def test_interrupted_backup_leaves_nothing(trained, tmp_path, monkeypatch, exc):
+@pytest.mark.integration
+@pytest.mark.parametrize('exc, code', [(RuntimeError, 1), (KeyboardInterrupt, 130)])
+def test_interrupted_backup_leaves_nothing(trained, tmp_path, monkeypatch, capsys, exc, code):
     conf_path, _ = trained
     out = tmp_path / 'out'
     out.mkdir()
-    original, calls = backup_model._add_file, []
+    original, calls = backup_archive._add_file, []
 
     def add_then_fail(tar, arcname, source):
         calls.append(arcname)
@@ -281,13 +299,16 @@ def test_interrupted_backup_leaves_nothing(trained, tmp_path, monkeypatch, exc):
             raise exc('interrupted')
         return original(tar, arcname, source)
 
-    monkeypatch.setattr(backup_model, '_add_file', add_then_fail)
-    with pytest.raises(exc):
-        run('--conf', conf_path, '-o', out)
+    monkeypatch.setattr(backup_archive, '_add_file', add_then_fail)
+    capsys.readouterr()
+    assert run('--conf', conf_path, '-o', out) == code  # the harness: a crash exits 1, Ctrl-C 130
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and err.count('\n') == 1 and 'interrupted' in err
     assert len(calls) == 3
     assert list(out.iterdir()) == []  # no archive under the final name, no temporary file
 
 
+@pytest.mark.integration
 def test_write_error_is_one_line_and_leaves_nothing(trained, tmp_path, monkeypatch, capsys):
     conf_path, _ = trained
     out = tmp_path / 'out'
@@ -295,7 +316,7 @@ def test_write_error_is_one_line_and_leaves_nothing(trained, tmp_path, monkeypat
     def disk_full(*a, **k):
         raise OSError(28, 'No space left on device')
 
-    monkeypatch.setattr(backup_model, '_publish', disk_full)
+    monkeypatch.setattr(backup_archive, '_publish', disk_full)
     assert run('--conf', conf_path, '-o', out) == 1  # a full disk is a failure (exit 1), not bad input (2)
     err = capsys.readouterr().err
     assert err.startswith('error: ') and err.count('\n') == 1 and 'No space left' in err
@@ -304,6 +325,7 @@ def test_write_error_is_one_line_and_leaves_nothing(trained, tmp_path, monkeypat
 
 # ---------------------------------------------------------------- verify
 
+@pytest.mark.integration
 def test_verify_names_changed_missing_and_extra_files(archive, tmp_path, capsys):
     top = archive.name[:-len('.tar.gz')]
 
@@ -332,6 +354,7 @@ def test_verify_names_changed_missing_and_extra_files(archive, tmp_path, capsys)
     assert not (tmp_path / 'restored').exists()
 
 
+@pytest.mark.integration
 def test_unreadable_archives_exit_2(archive, tmp_path, capsys):
     data = archive.read_bytes()
     truncated = tmp_path / 'truncated.tar.gz'
@@ -349,8 +372,9 @@ def test_unreadable_archives_exit_2(archive, tmp_path, capsys):
         assert not (tmp_path / 'restored').exists()
 
 
+@pytest.mark.e2e
 def test_verify_does_not_import_torch(archive):
-    code = ('import sys; from utils.backup import backup as backup_model; rc = backup_model.main(["--verify", sys.argv[1]]); '
+    code = ('import sys; from utils import backup_model; rc = backup_model.main(["--verify", sys.argv[1]]); '
             'assert "torch" not in sys.modules and "modelscope" not in sys.modules; sys.exit(rc)')
     proc = subprocess.run([sys.executable, '-c', code, str(archive)], cwd=ROOT, capture_output=True, text=True,
                           check=False)
@@ -383,6 +407,7 @@ def _evil_archives(tmp_path):
 
 @pytest.mark.parametrize('kind', ['dotdot', 'dotdot_inside', 'absolute', 'symlink', 'relative_symlink',
                                   'hardlink', 'device', 'evil_first'])
+@pytest.mark.unit
 def test_unsafe_archive_is_refused_and_nothing_written(tmp_path, capsys, kind):
     sandbox = tmp_path / 'sandbox'
     sandbox.mkdir()
@@ -403,6 +428,7 @@ def test_unsafe_archive_is_refused_and_nothing_written(tmp_path, capsys, kind):
     assert 'unsafe: ' in capsys.readouterr().out
 
 
+@pytest.mark.integration
 def test_restore_refuses_an_existing_target(archive, tmp_path, capsys):
     assert run('--restore', archive, tmp_path) == 0
     top = tmp_path / archive.name[:-len('.tar.gz')]
@@ -414,10 +440,11 @@ def test_restore_refuses_an_existing_target(archive, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == [top.name]  # no staging folder left behind
 
 
-def test_backup_refused_while_training_holds_the_work_dir(trained, tmp_path, capsys):
+@pytest.mark.integration
+def test_backup_refused_while_training_holds_the_work_dir(trained_copy, tmp_path, capsys):
     from utils.core.workdir import WorkDirLock
-    with WorkDirLock(str(trained[1])):
-        assert backup_model.main(['--conf', trained[0], '-o', str(tmp_path / 'b')]) == 2
+    with WorkDirLock(str(trained_copy[1])):  # the lock file is written: a copy of the session's run
+        assert backup_model.main(['--conf', trained_copy[0], '-o', str(tmp_path / 'b')]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith('error: ')]
     assert len(errors) == 1 and 'in use by another training run' in errors[0]
     assert not (tmp_path / 'b').exists() or not list((tmp_path / 'b').iterdir())

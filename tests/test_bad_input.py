@@ -11,7 +11,7 @@ from PIL import Image
 
 import finetune
 import pre_inference
-from utils.evaluation import scoring as metrics
+from utils import metrics
 from utils.core.workdir import WorkDirLock
 
 
@@ -109,6 +109,7 @@ def assert_one_line_error(capsys, code, culprit):
     assert 'Traceback' not in err
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize('case', list(TRAIN_CASES))
 def test_train_bad_input(case, make_conf, bad_data, capsys):
     conf, argv, culprit = TRAIN_CASES[case]
@@ -119,6 +120,7 @@ def test_train_bad_input(case, make_conf, bad_data, capsys):
     assert not os.path.exists(work_dir)
 
 
+@pytest.mark.unit
 def test_checkpoint_that_is_not_a_checkpoint(make_conf, bad_data, tmp_path, capsys):
     fake = tmp_path / 'iter_7'
     Path(str(fake) + '.pth').write_bytes(b'garbage')
@@ -127,12 +129,14 @@ def test_checkpoint_that_is_not_a_checkpoint(make_conf, bad_data, tmp_path, caps
     assert_one_line_error(capsys, finetune.main(args), 'cannot be loaded')
 
 
+@pytest.mark.unit
 def test_model_dir_without_configuration(make_conf, bad_data, tmp_path, capsys):
     (tmp_path / 'm').mkdir()
     args = train_case(make_conf, bad_data, model_name=str(tmp_path / 'm'))
     assert_one_line_error(capsys, finetune.main(args), 'configuration.json')
 
 
+@pytest.mark.unit
 def test_work_dir_in_use(make_conf, bad_data, capsys):
     args = train_case(make_conf, bad_data)
     work_dir = json.loads(Path(args[2]).read_text())['work_dir']
@@ -142,6 +146,7 @@ def test_work_dir_in_use(make_conf, bad_data, capsys):
         assert snapshot(work_dir) == before
 
 
+@pytest.mark.unit
 def test_eval_without_a_trained_model(make_conf, capsys):
     path = make_conf()
     assert_one_line_error(capsys, finetune.main(['eval', '--conf', path]), 'no trained model')
@@ -171,6 +176,7 @@ INFERENCE_CASES = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize('case', list(INFERENCE_CASES))
 def test_inference_bad_list(case, trained_unchanged, tmp_path, capsys):
     content, culprit = INFERENCE_CASES[case]
@@ -183,10 +189,12 @@ def test_inference_bad_list(case, trained_unchanged, tmp_path, capsys):
     (['-m', '/nonexistent/model'], '/nonexistent/model'),
     (['-b', '0'], '"batch_size"'),
 ])
+@pytest.mark.integration
 def test_inference_bad_flags(argv, culprit, trained_unchanged, capsys):
     assert_one_line_error(capsys, pre_inference.main(['--conf', trained_unchanged[0], *argv]), culprit)
 
 
+@pytest.mark.integration
 def test_eval_bad_checkpoint(trained_unchanged, capsys):
     code = finetune.main(['eval', '--conf', trained_unchanged[0], '-p', str(trained_unchanged[1] / 'iter_99')])
     assert_one_line_error(capsys, code, 'iter_99')
@@ -197,6 +205,7 @@ def test_eval_bad_checkpoint(trained_unchanged, capsys):
     ('{"model_name": "x"}', 'inf.json'),
     ('{"results": [{"caption": "a", "reference": "b"}, {"caption": 3, "reference": "b"}]}', 'row 2'),
 ])
+@pytest.mark.unit
 def test_metrics_bad_file(tmp_path, capsys, content, culprit):
     f = tmp_path / 'inf.json'
     f.write_text(content)
@@ -205,6 +214,7 @@ def test_metrics_bad_file(tmp_path, capsys, content, culprit):
     assert sorted(os.listdir(tmp_path)) == ['inf.json']
 
 
+@pytest.mark.integration
 def test_greyscale_and_cmyk_images_are_captioned(trained_unchanged, tmp_path):
     Image.effect_noise((60, 50), 40).save(tmp_path / 'grey.jpg')
     Image.new('CMYK', (60, 50), (0, 200, 200, 0)).save(tmp_path / 'cmyk.jpg')

@@ -5,8 +5,11 @@ import os
 import pytest
 
 import finetune
-from utils.core.conf import DEFAULT_PROMPT, Conf, apply_overrides, read_conf, validate
+from utils.core.conf import DEFAULT_PROMPT, Conf, apply_overrides, read_conf
+from utils.core.conf_checks import validate
 from utils.core.errors import ConfError
+
+pytestmark = pytest.mark.unit
 
 
 def load(path):
@@ -186,7 +189,7 @@ def test_every_entry_point_takes_its_sections_keys_as_flags():
     import finetune
     import pre_inference
     import web_demo
-    from utils.backup import backup as backup_model
+    from utils import backup_model
     from utils.core.flags import conf_overrides
     caption = ['--conf', 'c.json', '--beam_size', '2', '--precision', 'bf16', '-b', '7']
     want = {'beam_size': 2, 'precision': 'bf16', 'batch_size': 7}
@@ -197,3 +200,28 @@ def test_every_entry_point_takes_its_sections_keys_as_flags():
         {'work_dir': 'w'}
     with pytest.raises(SystemExit):  # a training key is not a captioning flag
         pre_inference.build_parser().parse_args(['--conf', 'c.json', '--lr', '0.1'])
+
+
+@pytest.mark.parametrize('prompt, ok', [
+    (' what does the image describe? write a {} reply.', True),
+    ('{{}} {}', True),                  # one placeholder, the braces before it escaped
+    ('a {{literal}} brace and {}', True),
+    ('{} and {}', False), ('no placeholder', False), ('{style}', False), ('{0}', False), ('{', False),
+])
+def test_prompt_takes_one_placeholder_and_escaped_braces(make_conf, prompt, ok):
+    if ok:
+        assert load(make_conf(prompt=prompt)).model.prompt == prompt
+    else:
+        with pytest.raises(ConfError, match='"prompt" must hold exactly one'):
+            load(make_conf(prompt=prompt))
+
+
+@pytest.mark.parametrize('text, key', [('"lr": 1e999', 'lr'), ('"weight_decay": NaN', 'weight_decay'),
+                                       ('"warmup": -Infinity', 'warmup')])
+def test_non_finite_numbers_are_refused_naming_the_key(make_conf, text, key):
+    path = make_conf()
+    body = open(path).read().rstrip().rstrip('}')
+    with open(path, 'w') as f:
+        f.write(body + ', ' + text + '}')
+    with pytest.raises(ConfError, match=f'conf key "{key}" must be a finite number'):
+        read_conf(path)

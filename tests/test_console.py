@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT
 
 
+@pytest.mark.e2e
 def test_training_console_shows_progress_not_modelscopes_dump(make_conf, tmp_path):
     conf = make_conf(max_train_samples=16, batch_size=8, log_interval=1)
     work = Path(json.loads(Path(conf).read_text())['work_dir'])
@@ -24,10 +27,11 @@ def test_training_console_shows_progress_not_modelscopes_dump(make_conf, tmp_pat
     assert 'Training Config Start' in modelscope_log and 'Stage: before_run' in modelscope_log  # kept in the file
 
 
+@pytest.mark.unit
 def test_verbose_shows_modelscopes_console_output():
     from modelscope.utils.logger import get_logger
 
-    from utils.training.progress import modelscope_console
+    from utils.patches.console import modelscope_console
     console = [h for h in get_logger().handlers if type(h) is logging.StreamHandler]
     assert console
     modelscope_console(verbose=False)
@@ -37,6 +41,7 @@ def test_verbose_shows_modelscopes_console_output():
     modelscope_console(verbose=False)
 
 
+@pytest.mark.integration
 def test_progress_bar_on_a_terminal(make_conf, monkeypatch, capsys):
     """On a terminal the same figures go into a tqdm bar per epoch instead of log lines."""
     import finetune

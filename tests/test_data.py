@@ -9,6 +9,8 @@ from utils.core.errors import DataError
 from utils.data.images import check_image
 from utils.data.rows import read_split, read_styles
 
+pytestmark = pytest.mark.unit
+
 
 def write_rows(path, rows):
     path.write_text(json.dumps(rows))

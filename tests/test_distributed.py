@@ -19,6 +19,7 @@ def torchrun(nproc, out_dir, conf, *extra):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize('nproc', [2, 1])
 def test_torchrun_shards_data_and_trains_one_model(nproc, make_conf, tmp_path):
     conf = make_conf(batch_size=4, max_epochs=2, checkpoint={'by_epoch': False, 'interval': 3})
@@ -52,6 +53,7 @@ def test_torchrun_shards_data_and_trains_one_model(nproc, make_conf, tmp_path):
     assert len(list(work.glob('train_*.log'))) == 1
 
 
+@pytest.mark.unit
 def test_eval_refuses_several_processes(make_conf, monkeypatch, capsys):
     monkeypatch.setenv('LOCAL_RANK', '0')
     monkeypatch.setenv('RANK', '0')

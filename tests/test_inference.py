@@ -25,13 +25,15 @@ def test_rows(trained):
     return conf, rows
 
 
+@pytest.mark.integration
 def test_default_captions_the_whole_test_split(trained, test_rows, tmp_path):
     conf, rows = test_rows
     assert run_inference(trained[0], '-o', str(tmp_path)) == 0
     out = json.loads(newest(tmp_path, 'inference_*.json').read_text())
-    assert set(out) == {'model_name', 'model_revision', 'n_eval_sample', 'results', 'data'}
+    assert set(out) == {'model_name', 'model_revision', 'model', 'n_eval_sample', 'results', 'data'}
     assert out['data']['test'] == {'rows': len(rows), 'kept': len(rows), 'skipped': {}}
     assert out['model_name'] == conf['model_name'] and out['n_eval_sample'] == len(rows) == len(out['results'])
+    assert out['model'] == str(Path(conf['work_dir']) / 'output')  # the model dir that captioned (absolute)
     for r, row in zip(out['results'], rows):
         assert set(r) == {'style', 'image', 'caption', 'reference'}
         assert r['style'] == row['personality'] and r['image'].endswith(row['image_hash'] + '.jpg')
@@ -39,6 +41,7 @@ def test_default_captions_the_whole_test_split(trained, test_rows, tmp_path):
         assert r['reference'] == [row['comment']] + row['additional_comments']
 
 
+@pytest.mark.integration
 def test_n_first_and_random(trained, test_rows, tmp_path):
     _, rows = test_rows
     assert run_inference(trained[0], '-n', '3', '-o', str(tmp_path / 'a')) == 0
@@ -52,6 +55,7 @@ def test_n_first_and_random(trained, test_rows, tmp_path):
     assert set(p.split('/')[-1] for p in picks[0]) <= {r['image_hash'] + '.jpg' for r in rows}
 
 
+@pytest.mark.integration
 def test_json_list_in_order_with_two_styles_for_one_image(trained, test_rows, tmp_path):
     conf, _ = test_rows
     image = str(Path(conf['img_addr']) / 'test0001.jpg')
@@ -70,6 +74,7 @@ def test_json_list_in_order_with_two_styles_for_one_image(trained, test_rows, tm
     assert out['results'][2]['image'] == str(Path(conf['img_addr']) / 'test0002.jpg')
 
 
+@pytest.mark.integration
 def test_batching_does_not_change_captions(trained, test_rows):
     from utils.captioning.captioner import load_captioner
     from utils.core.conf import read_conf
@@ -86,6 +91,7 @@ def test_batching_does_not_change_captions(trained, test_rows):
     ([{'style': 'Happy'}], 'row 0: needs "image"'),
     ({'style': 'Happy'}, 'must hold a non-empty JSON list'),
 ])
+@pytest.mark.integration
 def test_bad_json_list_is_a_clear_error(trained, tmp_path, capsys, items, message):
     j = tmp_path / 'list.json'
     j.write_text(json.dumps(items))
@@ -96,6 +102,7 @@ def test_bad_json_list_is_a_clear_error(trained, tmp_path, capsys, items, messag
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.integration
 def test_unknown_style_names_nearest(trained, tmp_path, capsys):
     j = tmp_path / 'list.json'
     j.write_text(json.dumps([{'style': 'Happy', 'image_hash': 'test0001'}, {'style': 'anxious', 'image_hash': 'test0001'}]))
@@ -104,31 +111,40 @@ def test_unknown_style_names_nearest(trained, tmp_path, capsys):
     assert 'row 1' in err and "unknown style 'anxious'" in err and "'Anxious'" in err
 
 
+@pytest.mark.integration
 def test_model_dir_without_configuration(trained, tmp_path, capsys):
     assert run_inference(trained[0], '-m', str(tmp_path)) == 2
     assert 'has no configuration.json' in capsys.readouterr().err
 
 
-def test_eval_writes_metrics_and_csv(trained, tmp_path, capsys):
+@pytest.mark.integration
+def test_eval_writes_metrics_and_csv(trained_copy, tmp_path, capsys, meteor):
+    from conftest import coco_scores
     csv_path = tmp_path / 'runs.csv'
     for _ in range(2):
-        assert finetune.main(['eval', '--conf', trained[0], '-b', '4', '-l', str(csv_path)]) == 0
+        assert finetune.main(['eval', '--conf', trained_copy[0], '-b', '4', '-l', str(csv_path)]) == 0
     out = capsys.readouterr().out
     assert 'CIDEr' in out and 'Bleu_4' in out
-    result = json.loads(newest(trained[1], 'eval_*.json').read_text())
-    for key in ('Bleu_1', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr'):
-        assert 0 <= result['metrics'][key] <= 10
+    result = json.loads(newest(trained_copy[1], 'eval_*.json').read_text())
+    # the figures are pycocoevalcap's own on the captions and references the file holds
+    expected = coco_scores([r['caption'] for r in result['results']], [r['reference'] for r in result['results']],
+                           meteor)
+    for key, value in expected.items():
+        assert result['metrics'][key] == pytest.approx(value, rel=1e-9, abs=0), key
+        assert 0 <= value <= (10 if key == 'CIDEr' else 1), key  # pycocoevalcap's scale, not x100
+    assert result['metrics']['Bleu_1'] > 0  # the trained model's captions share words with the references
     assert len(result['results']) == 8 and len(result['results'][0]['reference']) == 2
     rows = list(csv.DictReader(csv_path.open()))
     assert len(rows) == 2 and rows[0]['CIDEr'] == rows[1]['CIDEr'] and rows[0]['beam_size'] == '5'
 
 
-def test_eval_file_has_the_inference_schema_and_rescores_to_the_same_figures(trained, tmp_path):
+@pytest.mark.integration
+def test_eval_file_has_the_inference_schema_and_rescores_to_the_same_figures(trained_copy, tmp_path):
     """One result schema: eval_*.json is an inference file (plus metrics), and `python -m utils.metrics`
     scores it through the same code, to the same figures."""
-    from utils.evaluation import scoring as metrics
-    assert finetune.main(['eval', '--conf', trained[0], '-n', '6']) == 0
-    path = newest(trained[1], 'eval_*.json')
+    from utils import metrics
+    assert finetune.main(['eval', '--conf', trained_copy[0], '-n', '6']) == 0
+    path = newest(trained_copy[1], 'eval_*.json')
     result = json.loads(path.read_text())
     assert {'model_name', 'model_revision', 'n_eval_sample', 'results'} <= set(result)
     assert result['n_eval_sample'] == len(result['results']) == 6
@@ -141,12 +157,15 @@ def test_eval_file_has_the_inference_schema_and_rescores_to_the_same_figures(tra
             assert again[key] == pytest.approx(value), key
 
 
-def test_eval_of_a_checkpoint(trained):
-    assert finetune.main(['eval', '--conf', trained[0], '-p', str(trained[1] / 'iter_3'), '-n', '4']) == 0
-    result = json.loads(newest(trained[1], 'eval_*.json').read_text())
+@pytest.mark.integration
+def test_eval_of_a_checkpoint(trained_copy):
+    conf, work = trained_copy
+    assert finetune.main(['eval', '--conf', conf, '-p', str(work / 'iter_3'), '-n', '4']) == 0
+    result = json.loads(newest(work, 'eval_*.json').read_text())
     assert result['checkpoint'].endswith('iter_3') and len(result['results']) == 4
 
 
+@pytest.mark.integration
 def test_fast_generation_gives_the_stock_generators_captions_and_scores(trained, test_rows):
     """utils.patches.generation (key/value cache, vectorised n-gram blocker) against ModelScope's stock
     SequenceGenerator on the same trained model: same beams, same scores (to float rounding)."""
@@ -173,6 +192,7 @@ def test_fast_generation_gives_the_stock_generators_captions_and_scores(trained,
             assert torch.allclose(a['positional_scores'], b['positional_scores'], atol=1e-5)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize('n', [2, 3, 4])
 def test_vectorised_ngram_blocker_bans_what_the_stock_one_bans(n):
     import math
@@ -198,6 +218,7 @@ def test_vectorised_ngram_blocker_bans_what_the_stock_one_bans(n):
     assert banned_any > 0  # the comparison exercised real bans
 
 
+@pytest.mark.integration
 def test_captioning_in_bf16(trained, test_rows):
     """precision bf16: generation runs under autocast (the decoder's logits are bf16) and still captions."""
     import torch
@@ -215,6 +236,7 @@ def test_captioning_in_bf16(trained, test_rows):
     assert len(captions) == len(items) and all(c.strip() for c in captions)
 
 
+@pytest.mark.integration
 def test_bad_rows_of_a_json_list_are_skipped_and_said(trained, tmp_path, capsys):
     """-j lists are treated like data sets: bad rows skipped and counted, the result file says which and why;
     --strict makes the first one an error; an unknown style still stops the run, naming its row of the file."""

@@ -13,7 +13,7 @@ import pytest
 
 import finetune
 import pre_inference
-from utils.backup import backup as backup_model
+from utils import backup_model
 from utils.core.errors import DataError
 from utils.data.rows import read_split, write_rows
 
@@ -90,6 +90,7 @@ def make_model_dir(src: str, dest: Path, configuration: dict) -> str:
     return str(dest)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize('variant', sorted(VARIANTS))
 def test_model_dirs_users_bring_train_eval_caption_and_back_up(variant, tiny_model, make_conf, tmp_path):
     """Each variant trains a few iterations, evaluates, captions and backs up. Image size: the conf's
@@ -111,6 +112,7 @@ def test_model_dirs_users_bring_train_eval_caption_and_back_up(variant, tiny_mod
     assert backup_model.main(['--verify', str(archive)]) == 0
 
 
+@pytest.mark.unit
 def test_column_map_of_the_model_does_not_rename_the_toolkits_columns(tiny_model, tmp_path):
     from preprocessors import OfaPreprocessorForStylishIC
     from utils.data.styles import StyleMap
@@ -137,6 +139,7 @@ def model_256(tmp_path_factory):
     return model
 
 
+@pytest.mark.integration
 def test_the_model_dirs_own_image_size_is_used(model_256, make_conf):
     conf = make_conf(model_name=model_256, patch_image_size=None, max_image_size=None, max_train_samples=4,
                      batch_size=4, checkpoint={'by_epoch': False, 'interval': 1, 'max_checkpoint_num': 1})
@@ -159,6 +162,7 @@ def _data_with_new_style(pcap, tmp_path, new_style='Whimsical'):
     return str(data)
 
 
+@pytest.mark.integration
 def test_second_run_from_a_trained_output_keeps_every_styles_token(trained, pcap, make_conf, tmp_path):
     first = json.loads((trained[1] / 'output' / 'style_map.json').read_text())
     data = _data_with_new_style(pcap, tmp_path)
@@ -182,6 +186,7 @@ def test_second_run_from_a_trained_output_keeps_every_styles_token(trained, pcap
     assert json.loads((tmp_path / 'w3' / 'output' / 'style_map.json').read_text())['tokens'] == second['tokens']
 
 
+@pytest.mark.integration
 def test_second_run_with_another_tokenize_style_is_refused(trained, make_conf, capsys, tmp_path):
     conf = make_conf(model_name=str(trained[1] / 'output'), tokenize_style=False)
     assert finetune.main(['train', '--conf', conf]) == 2
@@ -215,6 +220,7 @@ def _write(fmt, rows, path):
     return write_rows(path, rows)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize('fmt', ['csv', 'jsonl', 'parquet'])
 def test_own_data_files_through_a_columns_map(fmt, pcap, tmp_path):
     from utils.core.conf import Columns
@@ -233,6 +239,7 @@ def test_own_data_files_through_a_columns_map(fmt, pcap, tmp_path):
         read_split(path, pcap[1], '.jpg', 'test', columns=Columns(**COLUMNS), strict=True)
 
 
+@pytest.mark.unit
 def test_csv_cells_stay_text(pcap, tmp_path):
     """An image id of digits (0012) must not become the number 12."""
     from utils.core.conf import Columns
@@ -244,6 +251,7 @@ def test_csv_cells_stay_text(pcap, tmp_path):
     assert kept[0]['image'] == str(tmp_path / '0012.jpg')
 
 
+@pytest.mark.unit
 def test_a_column_the_file_lacks_is_named(pcap, tmp_path, make_conf, capsys):
     rows, _ = _own_rows(pcap[1])
     data = tmp_path / 'own'
@@ -258,6 +266,7 @@ def test_a_column_the_file_lacks_is_named(pcap, tmp_path, make_conf, capsys):
     assert not (tmp_path / 'work').exists()
 
 
+@pytest.mark.integration
 def test_training_on_own_csv_data(pcap, tmp_path, make_conf):
     """The whole path on a CSV in its own column names: train, then eval on a parquet test split."""
     src = json.loads(Path(pcap[0], 'train.json').read_text())[:8]
@@ -285,6 +294,7 @@ def test_training_on_own_csv_data(pcap, tmp_path, make_conf):
     (dict(seed=-1), 'conf key "seed"'),
     (dict(checkpoint={'interval': 0}), 'conf key "checkpoint.interval"'),
 ])
+@pytest.mark.unit
 def test_settings_that_cannot_make_sense_are_refused(changes, message, make_conf, capsys, tmp_path):
     conf = make_conf(**changes)
     assert finetune.main(['train', '--conf', conf]) == 2

@@ -14,6 +14,8 @@ import preprocessors
 from preprocessors import STYLISH_IC_PIPELINE, STYLISH_IC_PREPROCESSOR, StylishImageCaptioningPipeline
 from utils.core.errors import UnknownStyleError
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope='module')
 def output_dir(trained):

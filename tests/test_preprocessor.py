@@ -6,6 +6,8 @@ from utils.core.conf import DEFAULT_PROMPT
 from utils.data.styles import StyleMap
 from utils.core.errors import UnknownStyleError
 
+pytestmark = pytest.mark.unit
+
 STYLES = ['Happy', 'Sarcastic', 'Anxious (Nervous)']
 
 

@@ -15,9 +15,10 @@ import pre_inference
 from conftest import ROOT, read_log_json
 from utils.core.workdir import WorkDirLock
 from utils.training.resume import checkpoints_in, resolve_checkpoint
-from utils.core.errors import ConfError
+from utils.core.errors import CheckpointError, WorkDirInUse
 
 
+@pytest.mark.unit
 def test_second_training_run_on_a_work_dir_in_use_is_refused(make_conf, capsys):
     path = make_conf()
     work_dir = json.loads(Path(path).read_text())['work_dir']
@@ -31,12 +32,13 @@ def test_second_training_run_on_a_work_dir_in_use_is_refused(make_conf, capsys):
         pass
 
 
+@pytest.mark.e2e
 def test_lock_of_a_killed_process_is_not_stuck(tmp_path):
-    code = f'import sys; sys.path.insert(0, {str(ROOT)!r}); from utils.checkpointing import WorkDirLock; ' \
+    code = f'import sys; sys.path.insert(0, {str(ROOT)!r}); from utils.core.workdir import WorkDirLock; ' \
            f'l = WorkDirLock({str(tmp_path)!r}).__enter__(); print("locked", flush=True); import time; time.sleep(60)'
     proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == 'locked'
-    with pytest.raises(ConfError, match='in use'):
+    with pytest.raises(WorkDirInUse, match='in use'):
         WorkDirLock(str(tmp_path)).__enter__()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -44,6 +46,7 @@ def test_lock_of_a_killed_process_is_not_stuck(tmp_path):
         pass
 
 
+@pytest.mark.integration
 def test_latest_skips_an_unreadable_newest_checkpoint(trained, tmp_path, caplog):
     for n in (9, 12):
         for suffix in ('.pth', '_trainer_state.pth'):
@@ -54,7 +57,7 @@ def test_latest_skips_an_unreadable_newest_checkpoint(trained, tmp_path, caplog)
     assert [n for n, _ in checkpoints_in(str(tmp_path))][0] == 12
     assert resolve_checkpoint('latest', str(tmp_path)) == str(tmp_path / 'iter_9')
     assert 'skipping unreadable checkpoint' in caplog.text and 'iter_12' in caplog.text
-    with pytest.raises(ConfError, match='cannot be loaded'):
+    with pytest.raises(CheckpointError, match='cannot be loaded'):
         resolve_checkpoint(str(damaged), '')
 
 
@@ -75,6 +78,7 @@ def kill_when(proc, condition, poll=0.02, timeout=240):
     return alive
 
 
+@pytest.mark.e2e
 def test_kill_9_during_training_then_resume_latest_finishes(make_conf, tmp_path):
     path = make_conf(max_epochs=4, checkpoint={'by_epoch': False, 'interval': 3, 'max_checkpoint_num': 2})
     work = Path(json.loads(Path(path).read_text())['work_dir'])
@@ -92,6 +96,7 @@ def test_kill_9_during_training_then_resume_latest_finishes(make_conf, tmp_path)
     Model.from_pretrained(str(work / 'output'))  # complete and loadable
 
 
+@pytest.mark.e2e
 def test_output_dir_never_exists_without_weights(make_conf, tmp_path):
     """A fresh run killed during its first checkpoint, after the output model dir was prepared and before
     the weights went in (the process dies at that point, deterministically): no output/, only
@@ -112,6 +117,7 @@ def test_output_dir_never_exists_without_weights(make_conf, tmp_path):
     assert checkpoints_in(str(work)) == [(2, str(work / 'iter_2'))]  # its first checkpoint, written just before
 
 
+@pytest.mark.unit
 def test_latest_check_does_not_read_the_weights(tmp_path):
     """`-p latest` checks candidates without reading their tensors: here 160 MB of weights and optimizer
     state, of which the check may read a small fraction (bytes read through the process's own I/O counter)."""
@@ -130,6 +136,7 @@ def test_latest_check_does_not_read_the_weights(tmp_path):
     assert bytes_read() - before < 16_000_000
 
 
+@pytest.mark.integration
 def test_unexpected_error_is_one_line_exit_1_and_debug_shows_it(trained, tmp_path, capsys):
     broken = tmp_path / 'broken'
     shutil.copytree(trained[1] / 'output', broken)
@@ -143,6 +150,7 @@ def test_unexpected_error_is_one_line_exit_1_and_debug_shows_it(trained, tmp_pat
         pre_inference.main(['--conf', trained[0], '-m', str(broken), '-n', '1', '--debug'])
 
 
+@pytest.mark.unit
 def test_a_crash_while_writing_a_checkpoint_leaves_no_file_under_its_name(tmp_path, monkeypatch):
     import torch
     from modelscope.utils.checkpoint import save_checkpoint
@@ -163,6 +171,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_no_file_under_its_name(tmp_pa
     assert checkpoints_in(str(tmp_path)) == []
 
 
+@pytest.mark.e2e
 def test_repeated_kills_at_random_moments_lose_nothing(make_conf, tmp_path):
     """Kill -9 three times at random moments (seeded), resume each time with -p latest, then finish:
     every iteration is trained, each resume starts right after a complete checkpoint."""
@@ -191,7 +200,7 @@ def test_repeated_kills_at_random_moments_lose_nothing(make_conf, tmp_path):
         assert trained_iters[:1] == [before + 1], (before, trained_iters[:3])
         assert trained_iters == list(range(before + 1, before + 1 + len(trained_iters)))
         for _, prefix in checkpoints_in(str(work)):
-            assert resolve_checkpoint(prefix, '')  # every complete-looking checkpoint loads
+            assert resolve_checkpoint(prefix, '') == prefix  # every complete-looking checkpoint loads
     assert kills >= 2
     assert finetune.main(['train', '--conf', path, '-p', 'latest']) == 0
     summary = json.loads(sorted(work.glob('train_*.json'), key=os.path.getmtime)[-1].read_text())

@@ -14,7 +14,7 @@ from PIL import Image
 import finetune
 from utils.evaluation import curves, style_classifier as sc
 from utils.data.rows import read_split
-from utils.evaluation.scoring import main as metrics_main
+from utils.metrics import main as metrics_main
 from utils.evaluation.report import render
 
 FIGURES = ('style_accuracy_top1', 'style_accuracy_top5', 'reference_style_accuracy_top1',
@@ -39,6 +39,7 @@ def test_rows(pcap):
 
 # ------------------------------------------------------------------ the classifier
 
+@pytest.mark.unit
 def test_classifier_recognises_the_styles_of_held_out_references(train_rows, test_rows):
     clf = sc.StyleClassifier.fit([r['text'] for r in train_rows], [r['style'] for r in train_rows])
     assert clf.styles == sorted({r['style'] for r in train_rows})
@@ -51,6 +52,7 @@ def test_classifier_recognises_the_styles_of_held_out_references(train_rows, tes
     assert clf.accuracy(['what a lovely red cross'], ['Unknown style'])[5] == 0.0
 
 
+@pytest.mark.unit
 def test_features_equal_sklearns_tfidf_and_storage_is_plain_data(train_rows, tmp_path):
     from sklearn.feature_extraction.text import TfidfVectorizer
     texts = [r['text'] for r in train_rows]
@@ -72,6 +74,7 @@ def test_features_equal_sklearns_tfidf_and_storage_is_plain_data(train_rows, tmp
         sc.StyleClassifier.load(str(tmp_path / 'c'))
 
 
+@pytest.mark.unit
 def test_cache_by_train_data_and_copy_kept_with_the_model(train_rows, tmp_path, monkeypatch):
     work, model = tmp_path / 'work', tmp_path / 'model'
     model.mkdir()
@@ -94,6 +97,7 @@ def test_cache_by_train_data_and_copy_kept_with_the_model(train_rows, tmp_path, 
         sc.data_hash(changed)
 
 
+@pytest.mark.unit
 def test_figures_without_a_classifier_are_none_not_zero():
     figures, predicted = sc.style_figures(None, ['Happy'], ['a caption'], [['ref']], 'no classifier')
     assert all(figures[k] is None for k in FIGURES) and figures['style_status'] == 'no classifier'
@@ -147,6 +151,7 @@ def evals(styled):
     return json.loads(normal.read_text()), json.loads(blind.read_text()), normal, blind
 
 
+@pytest.mark.integration
 def test_eval_reports_style_accuracy(evals, styled, capsys):
     normal = evals[0]
     m = normal['metrics']
@@ -163,6 +168,7 @@ def test_eval_reports_style_accuracy(evals, styled, capsys):
     assert len(list((styled[1] / 'style_classifier').iterdir())) == 1
 
 
+@pytest.mark.integration
 def test_style_blind_ablation_drops_style_accuracy(evals):
     normal, blind = evals[0]['metrics'], evals[1]['metrics']
     assert evals[1]['style_blind'] is True
@@ -175,6 +181,7 @@ def test_style_blind_ablation_drops_style_accuracy(evals):
     assert max(predicted.count(s) for s in set(predicted)) >= len(predicted) - 2
 
 
+@pytest.mark.integration
 def test_metrics_cli_style_accuracy_with_conf_or_the_models_copy(evals, styled, tmp_path, capsys):
     normal = evals[0]
     results = [{'style': p['style'], 'image': p['image'], 'caption': p['caption'], 'reference': p['reference']}
@@ -197,6 +204,7 @@ def test_metrics_cli_style_accuracy_with_conf_or_the_models_copy(evals, styled, 
     assert m['style_accuracy_top1'] is None and '--conf' in m['style_status']
 
 
+@pytest.mark.integration
 def test_report_is_self_contained_and_escaped(evals, styled):
     page = Path(str(evals[2])[:-len('.json')] + '.html').read_text()
     assert 'src="http' not in page and 'href="http' not in page
@@ -215,6 +223,7 @@ def _chromium():
     return shutil.which('chromium') or shutil.which('chromium-browser') or shutil.which('google-chrome')
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(_chromium() is None, reason='no chromium on PATH (apt-get install chromium)')
 def test_report_images_render_in_headless_chromium(evals, tmp_path):
     """Open the page in headless Chromium; after load, every <img> must have decoded (naturalWidth > 0)."""
@@ -252,6 +261,7 @@ def _write_logs(work: Path, stamp='20260101_000000', ipe=5, epochs=2, interval=2
     (work / f'{stamp}.log').write_text('\n'.join(text) + '\n')
 
 
+@pytest.mark.unit
 def test_curves_from_logs_and_validation_metrics(tmp_path):
     _write_logs(tmp_path)
     val = [{'iteration': 5, 'epoch': 1, 'metrics': {'CIDEr': 0.1, 'Bleu_4': 0.05}, 'seconds': 1.0},
@@ -269,6 +279,7 @@ def test_curves_from_logs_and_validation_metrics(tmp_path):
         assert pixels.shape[0] > 100 and pixels.std() > 5
 
 
+@pytest.mark.unit
 def test_report_reuses_fresh_curves_and_redraws_stale_ones(tmp_path):
     _write_logs(tmp_path)
     drawn = curves.current_curves(str(tmp_path))  # none yet: drawn
@@ -282,6 +293,7 @@ def test_report_reuses_fresh_curves_and_redraws_stale_ones(tmp_path):
     assert all(os.path.getmtime(p) > s for p, s in zip(drawn, stamps))
 
 
+@pytest.mark.unit
 def test_curves_never_raise(tmp_path, caplog):
     assert curves.draw_curves(str(tmp_path / 'missing')) == []
     (tmp_path / 'x.log.json').write_text('{"mode": "train", "epoch": 1, "iter": "bad"}\nnot json\n')
@@ -291,10 +303,12 @@ def test_curves_never_raise(tmp_path, caplog):
     assert curves.main([str(tmp_path / 'missing')]) == 2
 
 
-def test_curves_of_a_real_training_run(trained, capsys):
-    """The session's training run (ModelScope's TextLoggerHook, 2 epochs x 6 iterations, logged every one)."""
-    losses, lrs = curves.read_train_log(str(trained[1]))
+@pytest.mark.integration
+def test_curves_of_a_real_training_run(trained_copy, capsys):
+    """The session's training run (ModelScope's TextLoggerHook, 2 epochs x 6 iterations, logged every one);
+    drawn in a copy: the curves are written into work_dir."""
+    losses, lrs = curves.read_train_log(str(trained_copy[1]))
     assert [i for i, _ in losses['loss']] == list(range(1, 13))
     assert 'iter_time' not in losses and 'data_load_time' not in losses
-    assert curves.main([str(trained[1])]) == 0
+    assert curves.main([str(trained_copy[1])]) == 0
     assert 'curves_loss.png' in capsys.readouterr().out

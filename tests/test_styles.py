@@ -5,6 +5,8 @@ from utils.core.conf import DEFAULT_PROMPT
 from utils.data.styles import StyleMap
 from utils.core.errors import UnknownStyleError
 
+pytestmark = pytest.mark.unit
+
 STYLES = ['Happy', 'Anxious (Nervous)', 'Old-fashioned', 'Money-minded', 'Sweet (Kind)', 'happy']
 
 

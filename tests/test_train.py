@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import finetune
-from utils.core.errors import ConfError
+from utils.core.errors import CheckpointError
 from utils.training import trainer as assembly
 from conftest import read_log_json
+
+pytestmark = pytest.mark.integration
 
 
 def test_loss_goes_down(trained):
@@ -44,8 +46,8 @@ def test_output_is_a_modelscope_model_dir_with_the_final_weights(trained):
     assert torch.equal(loaded.get(key, loaded.get('model.' + key)), final[key])
 
 
-def test_resume_continues_from_the_saved_iteration(trained, tmp_path):
-    conf_path, work = trained
+def test_resume_continues_from_the_saved_iteration(trained_copy):
+    conf_path, work = trained_copy
     first = [e['loss'] for e in read_log_json(work, run=0) if e.get('mode') == 'train']
     assert finetune.main(['train', '--conf', conf_path, '-p', str(work / 'iter_6')]) == 0
     resumed = [e for e in read_log_json(work) if e.get('mode') == 'train']
@@ -63,7 +65,7 @@ def test_latest_checkpoint_is_found(trained):
 def test_checkpoint_without_trainer_state_is_refused(trained, tmp_path):
     lone = tmp_path / 'iter_1.pth'
     lone.write_bytes((trained[1] / 'iter_3.pth').read_bytes())
-    with pytest.raises(ConfError, match='not a CheckpointHook checkpoint'):
+    with pytest.raises(CheckpointError, match='not a CheckpointHook checkpoint'):
         finetune.resolve_checkpoint(str(lone), '')
 
 
@@ -75,7 +77,8 @@ def test_train_with_image_cache_and_workers(make_conf, tmp_path):
     assert (work / 'output' / 'pytorch_model.bin').is_file()
 
 
-def test_resume_with_other_styles_is_refused(trained, tmp_path, capsys):
+def test_resume_with_other_styles_is_refused(trained_copy, tmp_path, capsys):
+    trained = trained_copy  # train takes work_dir's lock (its file is written) before it refuses
     conf = json.loads(Path(trained[0]).read_text())
     data = tmp_path / 'data'
     shutil.copytree(conf['dataset_path'], data)

@@ -1,5 +1,4 @@
 """The training recipe (utils/training/): validation during training, output_best, CIDEr-D and SCST."""
-import dataclasses
 import json
 import math
 import os
@@ -19,6 +18,7 @@ from utils.training.criteria import baselines, scst_loss, sequence_logprobs
 
 # ---------------------------------------------------------------- arithmetic
 
+@pytest.mark.unit
 def test_baseline_is_the_mean_of_the_other_candidates():
     rewards = [1.0, 2.0, 6.0, 0.5, 1.5, 3.0]
     groups = [3, 2, 1]
@@ -30,6 +30,7 @@ def test_baseline_is_the_mean_of_the_other_candidates():
     assert scst_loss(logp, rewards, groups).item() == pytest.approx(expected)
 
 
+@pytest.mark.unit
 def test_cider_d_by_hand_and_as_modelscope_computes_it(tmp_path):
     scorer = CiderD.from_references([['a red cross'], ['a blue circle']])
     # identical to its reference: cosine 1 for 1-, 2- and 3-grams ("a" has df 2 = N, weight 0, but the others
@@ -49,6 +50,7 @@ def test_cider_d_by_hand_and_as_modelscope_computes_it(tmp_path):
     assert ours[0] > 0 and ours[1] > 0
 
 
+@pytest.mark.unit
 def test_cider_document_frequencies_are_cached(tmp_path, monkeypatch):
     groups = [['a red cross'], ['a blue circle']]
     first = CiderD.cached(str(tmp_path), groups)
@@ -67,7 +69,8 @@ def test_cider_document_frequencies_are_cached(tmp_path, monkeypatch):
 @pytest.fixture(scope='module')
 def built(trained):
     """A real OFATrainer (stage scst) on the trained model, with its conf and rows."""
-    from utils.core.conf import apply_overrides, read_conf, validate
+    from utils.core.conf import apply_overrides, read_conf
+    from utils.core.conf_checks import validate
     from utils.data.rows import load_split
     from utils.data.styles import StyleMap
     from utils.training import trainer as assembly
@@ -87,6 +90,7 @@ def batch_of(trainer, rows, n):
     return trainer.train_data_collator(samples)
 
 
+@pytest.mark.integration
 def test_one_scst_step_raises_the_higher_reward_candidate(built):
     """Two candidates for one image, the first rewarded more: one SGD step on the SCST loss makes the first
     more likely and the second less likely, relative to each other."""
@@ -116,6 +120,7 @@ def test_one_scst_step_raises_the_higher_reward_candidate(built):
     assert after[0] - after[1] > before[0] - before[1]
 
 
+@pytest.mark.integration
 def test_scst_criterion_on_a_batch(built):
     """The criterion trainer.train_step calls: candidates from the beam, rewards against the references of the
     rows the batch's ids point to, mean reward and baseline into the trainer's log buffer, a loss with a
@@ -130,7 +135,8 @@ def test_scst_criterion_on_a_batch(built):
     assert list(batch['id']) == [0, 1, 2]
     loss, size, log = criterion(model, batch)
     assert size == 6 and loss.requires_grad and math.isfinite(loss.item())
-    assert 0 <= log['reward'] and log['baseline'] == pytest.approx(log['reward'])  # the mean of the others' means
+    # the trained model's beams share n-grams with the rows' references: a CIDEr-D reward above 0
+    assert log['reward'] > 0 and log['baseline'] == pytest.approx(log['reward'])  # the mean of the others' means
     assert trainer.log_buffer.val_history['reward'][-1] == log['reward']
     model.zero_grad()
 
@@ -148,13 +154,15 @@ def same_weights(a, b):
                               for k in keys)
 
 
+@pytest.mark.integration
 def test_validation_keeps_the_best_not_the_last(built, tmp_path):
     """A better model validated first, a worse (re-initialised) one second: output_best keeps the first;
     resumed, the best survives; the live generator captions as Captioner(output_best) does."""
     from utils.captioning.captioner import Captioner
+    from utils.core.conf import apply_overrides
     from utils.training.validation import ValidationHook
     conf, trainer, rows, style_map = built
-    conf = dataclasses.replace(conf, work_dir=str(tmp_path), stage='ce')
+    conf = apply_overrides(conf, work_dir=str(tmp_path), stage='ce')
     val = [dict(r, references=r['references']) for r in rows[:6]]  # train rows: the trained model knows them
     hook = ValidationHook(conf, val, style_map, resuming=False)
     hook.before_run(trainer)
@@ -195,6 +203,7 @@ def test_validation_keeps_the_best_not_the_last(built, tmp_path):
     assert stored.caption([{'style': r['style'], 'image': r['image']} for r in val]) == live
 
 
+@pytest.mark.integration
 def test_training_validates_and_output_best_is_a_usable_model(trained, make_conf, tmp_path):
     """finetune.py train with validation every 2 iterations: one val_metrics.jsonl line per validation,
     output_best holds the weights of the best validation's iteration, survives -p latest, and is the model
@@ -229,7 +238,7 @@ def test_training_validates_and_output_best_is_a_usable_model(trained, make_conf
     out = tmp_path / 'inf'
     assert pre_inference.main(['--conf', conf, '-m', str(work / 'output_best'), '-o', str(out), '-n', '4']) == 0
     result = json.loads(next(out.glob('inference_*.json')).read_text())
-    assert result['model_name'] == str(work / 'output_best')
+    assert result['model'] == str(work / 'output_best') and result['model_name'] == json.loads(Path(conf).read_text())['model_name']
     from utils.captioning.captioner import Captioner
     c = json.loads(Path(conf).read_text())
     from utils.core.conf import GenerationConf
@@ -240,7 +249,7 @@ def test_training_validates_and_output_best_is_a_usable_model(trained, make_conf
 
     assert finetune.main(['eval', '--conf', conf, '-m', str(work / 'output_best'), '-n', '4']) == 0
     assert json.loads(next(work.glob('eval_*.json')).read_text())['model'] == str(work / 'output_best')
-    from utils.backup import backup as backup_model
+    from utils import backup_model
     assert backup_model.main(['--conf', conf, '-m', str(work / 'output_best'), '-o', str(tmp_path / 'bak')]) == 0
     archive = next((tmp_path / 'bak').glob('*.tar.gz'))
     assert backup_model.main(['--verify', str(archive)]) == 0
@@ -249,6 +258,7 @@ def test_training_validates_and_output_best_is_a_usable_model(trained, make_conf
                         weights(next((tmp_path / 'restored').glob('*/model')) / 'pytorch_model.bin'))
 
 
+@pytest.mark.integration
 def test_scst_stage_end_to_end(trained, make_conf):
     """stage scst from the CE output: trains, logs reward and baseline, validates, keeps the style map."""
     conf = make_conf(model_name=str(trained[1] / 'output'), stage='scst', scst={'candidates': 2},
@@ -265,6 +275,7 @@ def test_scst_stage_end_to_end(trained, make_conf):
 
 # ---------------------------------------------------------------- torchrun
 
+@pytest.mark.e2e
 def test_validation_under_torchrun_equals_one_process(trained, make_conf, tmp_path):
     conf = make_conf(model_name=str(trained[1] / 'output'), val_max_samples=3)
     probe = ROOT / 'tests' / 'validation_probe.py'
@@ -295,6 +306,7 @@ def test_validation_under_torchrun_equals_one_process(trained, make_conf, tmp_pa
     ({'stage': 'scst'}, '"model_name"'),  # the tiny model dir has no style_map.json: not a CE output
     ({'val_json': 'missing.json'}, '"val_json"'),
 ])
+@pytest.mark.unit
 def test_bad_recipe_keys_are_named(make_conf, capsys, overrides, key):
     conf = make_conf(**overrides)
     work = Path(json.loads(Path(conf).read_text())['work_dir'])

@@ -149,6 +149,7 @@ def run_caption(browser):
     return box.get_attribute('value')
 
 
+@pytest.mark.e2e
 def test_caption_in_the_browser_equals_the_captioner(browser, app, captioner, conf):
     image = Path(conf['img_addr'], 'test0001.jpg')
     expected = dict(zip(STYLES, captioner.caption([{'style': s, 'image': str(image)} for s in STYLES],
@@ -179,6 +180,7 @@ def test_caption_in_the_browser_equals_the_captioner(browser, app, captioner, co
     assert len(short.split()) <= 3 < len(expected['Sarcastic'].split())
 
 
+@pytest.mark.e2e
 def test_all_styles_for_a_sample(browser, app, captioner, trained):
     from selenium.webdriver.common.by import By
 
@@ -194,6 +196,7 @@ def test_all_styles_for_a_sample(browser, app, captioner, trained):
     assert run_caption(browser).splitlines() == [f'{s}: {c}' for s, c in zip(STYLES, expected)]
 
 
+@pytest.mark.e2e
 def test_nothing_to_caption_yet(browser, app):
     open_page(browser, app)
     assert run_caption(browser) == ''
@@ -206,6 +209,7 @@ def test_nothing_to_caption_yet(browser, app):
     ('notes.txt', 'Invalid file type'),
     ('big.jpg', 'exceed the maximum allowed size'),
 ])
+@pytest.mark.e2e
 def test_bad_upload_gets_a_message_in_the_page(browser, app, tmp_path, name, message):
     path = tmp_path / name
     if name == 'random.jpg':  # an image's name, not an image
@@ -224,6 +228,7 @@ def test_bad_upload_gets_a_message_in_the_page(browser, app, tmp_path, name, mes
     assert 'Upload an image' in text_of(browser, '#status')
 
 
+@pytest.mark.e2e
 def test_only_the_uploads_and_samples_are_served(browser, app, trained, conf):
     from selenium.webdriver.common.by import By
     open_page(browser, app)
@@ -237,15 +242,18 @@ def test_only_the_uploads_and_samples_are_served(browser, app, trained, conf):
         assert refused.value.code == 403, path
 
 
+@pytest.mark.e2e
 def test_binds_to_loopback_only(app):
     with socket.socket() as s:  # 127.0.0.2 is this machine too, but not the address the app listens on
         assert s.connect_ex(('127.0.0.2', app['port'])) != 0
 
 
+@pytest.mark.e2e
 def test_the_model_is_loaded_once(app):
     assert app['log'].read_text().count('initialize model from') == 1  # ModelScope's line, for every load
 
 
+@pytest.mark.integration
 def test_set_generation_equals_a_captioner_built_with_those_settings(captioner, random_output, conf):
     """What the page's controls do (no browser needed)."""
     from utils.captioning.captioner import Captioner

@@ -13,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main():
     conf_path, out = sys.argv[1:3]
     from utils.core import distributed
-    from utils.core.conf import apply_overrides, read_conf, validate
+    from utils.core.conf import apply_overrides, read_conf
+    from utils.core.conf_checks import validate
     from utils.data.rows import load_split
     from utils.data.styles import StyleMap
     from utils.training import trainer as assembly

@@ -104,16 +104,17 @@ def _collate(samples, pad_idx, eos_idx):
 def trained_model_dir(conf, model: Optional[str] = None) -> str:
     """The model to caption with: ``model`` (a dir or hub id) or the trained ``{work_dir}/output``."""
     from utils.core.layout import OUTPUT_DIR
-    from utils.core.errors import ConfError
+    from utils.core.errors import ModelDirError
     from utils.core.conf import is_local_model
     if model is None:
         model = os.path.join(conf.run.work_dir, OUTPUT_DIR)
         if not os.path.isdir(model):
-            raise ConfError(f'no trained model at {model}: train first, or name a model dir with -m')
+            hint = '' if os.path.isabs(model) else f' (relative paths are read from the current directory, {os.getcwd()})'
+            raise ModelDirError(f'no trained model at {os.path.abspath(model)}{hint}: train first, or name a model dir with -m')
     elif is_local_model(model) and not os.path.isdir(model):
-        raise ConfError(f'model dir {model} does not exist')
+        raise ModelDirError(f'model dir {model} does not exist')
     if is_local_model(model) and not os.path.isfile(os.path.join(model, 'configuration.json')):
-        raise ConfError(f'model dir {model} has no configuration.json (not a ModelScope model dir)')
+        raise ModelDirError(f'model dir {model} has no configuration.json (not a ModelScope model dir)')
     return model
 
 
@@ -121,20 +122,21 @@ def load_captioner(conf, model: Optional[str] = None, checkpoint: Optional[str] 
                    revision: Optional[str] = None) -> Captioner:
     """A Captioner for conf's generation settings; ``checkpoint`` (a CheckpointHook ``iter_N.pth``)
     replaces the model dir's weights, through ModelScope's own checkpoint loader."""
-    from utils.core.errors import ConfError
+    from utils.core.errors import CheckpointError, ModelDirError, raise_system_failure
 
     model_dir = trained_model_dir(conf, model)
     try:
         captioner = Captioner(model_dir, conf.generation, revision=revision, precision=conf.run.precision,
                               model_cfg=conf.model.model_cfg)
     except FileNotFoundError as e:  # e.g. a model dir without style_map.json
-        raise ConfError(str(e)) from None
+        raise ModelDirError(str(e)) from None
     if checkpoint is not None:
         from modelscope.utils.checkpoint import load_checkpoint
         try:
             load_checkpoint(checkpoint, captioner.model)
         except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
-            raise ConfError(f'checkpoint {checkpoint} could not be loaded: {first_line(e)}') from None
+            raise_system_failure(e)
+            raise CheckpointError(f'checkpoint {checkpoint} could not be loaded: {first_line(e)}') from None
         captioner.model.to(captioner.device).eval()
         logger.info('weights from checkpoint %s', checkpoint)
     return captioner

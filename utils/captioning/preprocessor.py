@@ -24,7 +24,7 @@ from modelscope.utils.constant import Fields, ModeKeys, ModelFile, Tasks
 from utils.core.layout import STYLISH_IC_PREPROCESSOR
 from utils.data.styles import StyleMap
 
-COLUMNS = {'image': 'image', 'text': 'text', 'style': 'style'}  # the fields of a row (utils/data.py)
+COLUMNS = {'image': 'image', 'text': 'text', 'style': 'style'}  # the fields of a row (utils/data/rows.py)
 
 
 class OfaStylishICPreprocessor(OfaImageCaptioningPreprocessor):
@@ -46,7 +46,7 @@ class OfaStylishICPreprocessor(OfaImageCaptioningPreprocessor):
         super().__init__(cfg, model_dir, mode, *args, **kwargs)
         self.style_map = style_map
         self.image_cache = None
-        # The rows this preprocessor reads are the toolkit's own (utils/data.py), whatever the model's
+        # The rows this preprocessor reads are the toolkit's own (utils/data/rows.py), whatever the model's
         # configuration.json says: ModelScope's OFA recipe writes `dataset.column_map` (e.g. text ->
         # caption) there, which the stock preprocessor would apply to our rows.
         self.column_map = dict(COLUMNS)

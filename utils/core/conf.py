@@ -16,8 +16,9 @@ extra short flags (``metadata['flags']``) and allowed values. Command-line flags
 (:mod:`utils.core.flags`); they never restate a default. Each part of the toolkit takes the section it
 needs (``Captioner(model_dir, conf.generation)``), not the whole conf.
 
-Reading is pure: :func:`load_conf` reads, applies the command line's overrides and checks; it builds and
-writes nothing. Relative paths in a conf are read from the current directory, as every command's own paths
+Reading is pure: :func:`read_conf` reads and type-checks, :func:`apply_overrides` applies the command line's
+values; the value and file checks are :mod:`utils.core.conf_checks` (``load_conf`` does all three). Nothing
+is built or written. Relative paths in a conf are read from the current directory, as every command's own paths
 are (the README says so).
 """
 from __future__ import annotations
@@ -27,14 +28,12 @@ import difflib
 import math
 import os
 import re
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Union, get_args, get_origin, get_type_hints
 
 from utils.core.errors import ConfError
 from utils.core.io import read_json
-from utils.core.layout import DATA_SUFFIXES
 
 DEFAULT_PROMPT = ' what does the image describe? write a {} reply.'
 PRECISIONS = ('fp32', 'bf16', 'fp16')
@@ -80,10 +79,14 @@ class Columns:
 @dataclass
 class ModelConf:
     model_name: str = setting(seed=True, help='ModelScope hub id (damo/ofa_image-caption_coco_distilled_en) or a '
-                                              'local model dir')
+                                              'local model dir',
+                              caption_help='the base model (hub id or local dir) the captioning model was trained '
+                                           'from, recorded as model_name in the output; -m picks the model that '
+                                           'captions')
     tokenize_style: bool = setting(seed=True, help='true: each style is its own token in the prompt; false: the '
                                                    'style word itself')
-    model_revision: Optional[str] = setting(None, seed=True, help='hub revision (v1.0.1); ignored for a local model dir')
+    model_revision: Optional[str] = setting(None, seed=True, help='hub revision (v1.0.1); ignored for a local model dir',
+                                            caption_help="model_name's hub revision, recorded in the output")
     prompt: Optional[str] = setting(None, seed=True, help='template with one "{}" for the style ("{{" and "}}" '
                                                           'for literal braces); empty/null: the default prompt')
     patch_image_size: Optional[int] = setting(None, help='side of the square image the model sees (null: the '
@@ -191,6 +194,10 @@ class Conf:
     validation: ValidationConf = field(default_factory=ValidationConf)
     scst: ScstConf = field(default_factory=ScstConf)
     generation: GenerationConf = field(default_factory=GenerationConf)
+
+    def value(self, key: str):
+        """The value of a flat key of the file (``conf.value('beam_size')`` is ``conf.generation.beam_size``)."""
+        return getattr(getattr(self, KEY_SECTION[key]), key)
 
     def to_dict(self) -> dict:
         """The flat JSON conf (the file format), every key resolved."""
@@ -315,137 +322,3 @@ def apply_overrides(conf: Conf, **overrides) -> Conf:
         section = KEY_SECTION[key]
         changes.setdefault(section, {})[key] = check_type(key, value, get_type_hints(SECTIONS[section])[key])
     return dataclasses.replace(conf, **{s: dataclasses.replace(getattr(conf, s), **c) for s, c in changes.items()})
-
-
-def load_conf(path: Union[str, Path], overrides: Optional[dict] = None, splits=('train', 'val', 'test')) -> Conf:
-    """The one way every entry point gets its conf: the file, the command line's overrides, then every check
-    (``validate``) of the splits it reads. Reads and checks; builds and writes nothing."""
-    return validate(apply_overrides(read_conf(path), **(overrides or {})), splits=splits)
-
-
-# ------------------------------------------------------------------ checks
-
-def _at_least(key: str, value, low) -> None:
-    if value is not None and value < low:
-        raise ConfError(f'conf key "{key}" must be at least {low}, got {value}')
-
-
-def check_prompt(prompt: Optional[str]) -> None:
-    """A prompt holds exactly one "{}" placeholder for the style; "{{" and "}}" are literal braces."""
-    if not prompt:
-        return
-    try:
-        fields = [name for _, name, _, _ in string.Formatter().parse(prompt) if name is not None]
-        prompt.format('STYLE')
-    except (IndexError, KeyError, ValueError):
-        fields = None
-    if fields != ['']:
-        raise ConfError(f'conf key "prompt" must hold exactly one "{{}}" for the style, got {prompt!r}')
-
-
-def _check_values(conf: Conf) -> None:
-    m, d, r, t, v, s, g = (conf.model, conf.data, conf.run, conf.train, conf.validation, conf.scst, conf.generation)
-    for key, value in [('max_epochs', t.max_epochs), ('batch_size', r.batch_size), ('beam_size', g.beam_size),
-                       ('max_len', g.max_len), ('log_interval', t.log_interval),
-                       ('max_train_samples', t.max_train_samples), ('checkpoint.interval', t.checkpoint.interval),
-                       ('checkpoint.max_checkpoint_num', t.checkpoint.max_checkpoint_num)]:
-        _at_least(key, value, 1)
-    for key, value in [('eval_interval', v.eval_interval), ('val_max_samples', v.val_max_samples)]:
-        if value is not None and value < 1:
-            raise ConfError(f'conf key "{key}" must be at least 1 (or null), got {value}')
-    for key, value in [('num_workers', r.num_workers), ('no_repeat_ngram_size', g.no_repeat_ngram_size)]:
-        if value < 0:
-            raise ConfError(f'conf key "{key}" must not be negative, got {value}')
-    for name, cls in SECTIONS.items():  # every key with choices
-        for f in dataclasses.fields(cls):
-            choices = f.metadata.get('choices')
-            value = getattr(getattr(conf, name), f.name)
-            if choices and value not in choices:
-                key = f'{name}.{f.name}' if name in NESTED_SECTIONS else f.name
-                raise ConfError(f'conf key "{key}" must be one of {", ".join(choices)}, got {value!r}')
-    if not 0 <= r.seed < 2 ** 32:
-        raise ConfError(f'conf key "seed" must be in [0, 2**32), got {r.seed}')
-    if not t.lr > 0:
-        raise ConfError(f'conf key "lr" must be positive, got {t.lr}')
-    if not 0 <= t.warmup < 1:
-        raise ConfError(f'conf key "warmup" is a fraction of all steps, in [0, 1), got {t.warmup}')
-    if t.weight_decay < 0:
-        raise ConfError(f'conf key "weight_decay" must not be negative, got {t.weight_decay}')
-    if not 0 <= t.label_smoothing < 1:
-        raise ConfError(f'conf key "label_smoothing" must be in [0, 1), got {t.label_smoothing}')
-    if v.best_metric == 'SPICE' and not v.val_spice:
-        raise ConfError('conf key "best_metric" is SPICE but "val_spice" is false: SPICE is not computed')
-    if s.candidates < 2:
-        raise ConfError(f'conf key "scst.candidates" must be at least 2 (the baseline is the others\' mean), '
-                        f'got {s.candidates}')
-    if not s.temperature > 0:
-        raise ConfError(f'conf key "scst.temperature" must be positive, got {s.temperature}')
-    for key in ['patch_image_size', 'max_image_size']:
-        value = getattr(m, key)
-        if value is not None and value < 16:
-            raise ConfError(f'conf key "{key}" must be at least 16 pixels, got {value}')
-    if m.patch_image_size and m.max_image_size and m.patch_image_size > m.max_image_size:
-        raise ConfError(f'conf key "patch_image_size" ({m.patch_image_size}) must not exceed '
-                        f'"max_image_size" ({m.max_image_size})')
-    check_prompt(m.prompt)
-    names = {}
-    for key in ('style', 'text', 'image', 'references'):
-        col = getattr(d.columns, key)
-        if col is None and key == 'references':
-            continue
-        if not col or not col.strip():
-            raise ConfError(f'conf key "columns.{key}" must name a column, got {col!r}')
-        if col in names:
-            raise ConfError(f'conf keys "columns.{names[col]}" and "columns.{key}" name the same column {col!r}')
-        names[col] = key
-    if not d.file_attr:
-        raise ConfError('conf key "file_attr" must not be empty (e.g. ".jpg")')
-    if not r.work_dir:
-        raise ConfError('conf key "work_dir" must not be empty')
-
-
-def _check_files(conf: Conf, splits) -> None:
-    m, d, r, t = conf.model, conf.data, conf.run, conf.train
-    if os.path.exists(r.work_dir) and not os.path.isdir(r.work_dir):
-        raise ConfError(f'conf key "work_dir": {r.work_dir} exists and is not a folder')
-    if t.image_cache and os.path.exists(t.image_cache) and not os.path.isdir(t.image_cache):
-        raise ConfError(f'conf key "image_cache": {t.image_cache} exists and is not a folder')
-    if m.is_local:
-        if not os.path.isdir(m.model_name):
-            raise ConfError(f'conf key "model_name": local model dir {m.model_name} does not exist '
-                            f'(a hub id looks like owner/name){_relative_hint(m.model_name)}')
-        if not os.path.isfile(os.path.join(m.model_name, 'configuration.json')):
-            raise ConfError(f'conf key "model_name": {m.model_name} has no configuration.json '
-                            '(not a ModelScope model dir)')
-    if t.stage == 'scst' and m.is_local and not os.path.isfile(os.path.join(m.model_name, 'style_map.json')):
-        raise ConfError(f'conf key "model_name": stage "scst" starts from a model this toolkit trained with cross-entropy '
-                        f'(its output/ or output_best/ dir, with style_map.json); {m.model_name} has no style_map.json')
-    if not os.path.isdir(d.img_addr):
-        raise ConfError(f'conf key "img_addr": folder {d.img_addr} does not exist{_relative_hint(d.img_addr)}')
-    if not os.path.isdir(d.dataset_path):
-        raise ConfError(f'conf key "dataset_path": folder {d.dataset_path} does not exist'
-                        f'{_relative_hint(d.dataset_path)}')
-    for split in ('train', 'val', 'test'):
-        p = d.split_path(split)
-        if p.suffix.lower() not in DATA_SUFFIXES:
-            raise ConfError(f'conf key "{split}_json": {p.name} is not a data file this toolkit reads '
-                            f'({", ".join(DATA_SUFFIXES)})')
-    for split in splits:
-        p = d.split_path(split)
-        if not p.is_file():
-            raise ConfError(f'conf key "{split}_json": file {p} does not exist')
-
-
-def _relative_hint(path: str) -> str:
-    """For a relative path that is missing: where it was looked for (relative paths are read from the
-    current directory, not from the conf file's)."""
-    if os.path.isabs(path):
-        return ''
-    return f' (relative paths are read from the current directory: looked for {os.path.abspath(path)})'
-
-
-def validate(conf: Conf, splits=('train', 'val', 'test')) -> Conf:
-    """Value and file-system checks; raises ConfError naming the key. Writes nothing."""
-    _check_values(conf)
-    _check_files(conf, splits)
-    return conf

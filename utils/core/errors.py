@@ -2,11 +2,12 @@
 bad, each worded for the user (names the conf key, file, row, checkpoint or style at fault).
 
 An ``OSError`` (a full disk, a permission) is not bad input: the harness (:mod:`utils.core.cli`) reports it
-as a failure (exit 1).
+as a failure (exit 1); :func:`raise_system_failure` keeps a library's wrapped one from being reported as bad input.
 """
 from __future__ import annotations
 
 import difflib
+import errno
 from typing import Iterable
 
 
@@ -43,11 +44,13 @@ class UnknownStyleError(BadInput, KeyError):
 
 
 class CheckpointError(BadInput, ValueError):
-    """A checkpoint given with ``-p`` (missing, incomplete, unreadable, or trained on other styles)."""
+    """A checkpoint given with ``-p`` / ``--checkpoint`` (missing, incomplete, unreadable, not fitting the model,
+    or trained on other styles)."""
 
 
 class ModelDirError(BadInput, ValueError):
-    """A model dir (``-m``, ``model_name``, ``work_dir/output``) that is missing or not usable."""
+    """A model dir (``-m``, ``work_dir/output``) that is missing, not a ModelScope model dir, or not one this
+    toolkit trained (no ``style_map.json``). The conf key ``model_name`` is a :class:`ConfError`."""
 
 
 class WorkDirInUse(BadInput):
@@ -66,3 +69,19 @@ def first_line(e: BaseException) -> str:
     """The first line of an exception's message ('' when it has none)."""
     text = str(e).strip()
     return text.splitlines()[0] if text else ''
+
+
+# a failed system call that says nothing about the user's input: the machine's or the file system's state
+SYSTEM_FAILURES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+
+
+def raise_system_failure(e: BaseException) -> None:
+    """Raise the OSError of a failed system call (a full disk, a quota, a read-only or failing device) that
+    ``e`` is, or was raised from, however a library wrapped it: a failure (exit 1), never bad input. Called
+    first in an ``except Exception`` that turns a library's errors into bad input."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in SYSTEM_FAILURES:
+            raise e
+        e = e.__cause__ or e.__context__

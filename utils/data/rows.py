@@ -18,7 +18,7 @@ from typing import Iterator, List, Optional, Tuple
 from tqdm import tqdm
 
 from utils.core.conf import Columns
-from utils.core.errors import DataError, first_line
+from utils.core.errors import DataError, first_line, raise_system_failure
 from utils.core.layout import DATA_SUFFIXES, PERSONALITIES_FILE
 from utils.data.images import check_image, image_path
 from utils.core.io import read_json
@@ -126,6 +126,7 @@ def _tabular_records(path: Path, split: str, columns: Columns, limit: Optional[i
     try:
         table = datasets.load_dataset(kind, data_files=str(path), split='train', **kwargs)
     except Exception as e:  # noqa: BLE001 - pyarrow/pandas raise many kinds for a malformed file
+        raise_system_failure(e)  # datasets writes an Arrow cache: a full disk there is no fault of the file
         raise DataError(f'{split} file {path} could not be read as {kind}: {first_line(e)}') from None
     finally:
         datasets.utils.logging.set_verbosity(was)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def build_demo_data(dataset_path: str, img_addr: str, seed: int = 0, sizes: dict
                 rows.append(row)
         (ds / f'{split}.json').write_text(json.dumps(rows, indent=1), encoding='utf-8')
     (ds / 'personalities.txt').write_text('\n'.join(styles) + '\n', encoding='utf-8')
-    logger.info('demo data set written: %s (images in %s)', ds, imgs)
+    logger.info('demo data set written: %s (images in %s)', ds.resolve(), imgs.resolve())
 
 
 def style_followed(style: str, text: str) -> bool:
@@ -98,11 +99,18 @@ def content_correct(colour: str, shape: str, text: str) -> bool:
 
 
 def ensure_demo_assets(model_dir: str, dataset_path: str, img_addr: str, image_size: int = 64) -> None:
-    """Build the demo data set and tiny model where they are missing (deterministic, offline)."""
+    """Build the demo data set and tiny model where they are missing (deterministic, offline). The log names
+    the absolute folders: a conf's relative paths are read from the current directory, so the demo conf run
+    from another directory builds a second demo there."""
     from utils.demo.tiny_model import build_tiny_ofa
 
+    relative = [p for p in (model_dir, dataset_path, img_addr) if not os.path.isabs(p)]
+    where = f" (the conf's relative paths are read from the current directory, {os.getcwd()})" if relative else ''
     if not all((Path(dataset_path) / f'{s}.json').is_file() for s in SPLITS):
+        logger.info('demo: building its data set in %s, images in %s%s', os.path.abspath(dataset_path),
+                    os.path.abspath(img_addr), where)
         build_demo_data(dataset_path, img_addr)
     if not (Path(model_dir) / 'configuration.json').is_file():
+        logger.info('demo: building its tiny model in %s%s', os.path.abspath(model_dir), where)
         texts = [caption(st, c, s, alt) for st in STYLES for c in COLOURS for s in SHAPES for alt in (False, True)]
         build_tiny_ofa(model_dir, texts, image_size=image_size)

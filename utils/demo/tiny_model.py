@@ -86,5 +86,5 @@ def build_tiny_ofa(model_dir: str, texts: Iterable[str], *, d_model: int = 64, l
     }
     (out / 'configuration.json').write_text(json.dumps(configuration, indent=2), encoding='utf-8')
     logger.info('tiny OFA model written: %s (d_model %d, %d+%d layers, vocab %d)',
-                out, d_model, layers, layers, config.vocab_size)
+                out.resolve(), d_model, layers, layers, config.vocab_size)
     return os.fspath(out)

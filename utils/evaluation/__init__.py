@@ -1,2 +1,3 @@
-"""Evaluation: caption metrics (:mod:`.scoring`), the style classifier, the eval run (:mod:`.run`), the eval
+"""Evaluation: caption metrics (:mod:`.scoring`), result files (:mod:`.results`), the metrics table
+(:mod:`.table`), the style classifier, the eval run (:mod:`.run`), the eval
 page (:mod:`.report`) and training curves (:mod:`.curves`)."""

@@ -21,7 +21,8 @@ def evaluate(conf, checkpoint: Optional[str], stamp: str, rows: List[dict], stat
     row captioned with the same neutral style input (:func:`withhold_style`); the style accuracy is still
     measured against each row's requested style."""
     from utils.captioning.captioner import load_captioner
-    from utils.evaluation.scoring import format_table, score_file
+    from utils.evaluation.results import score_file
+    from utils.evaluation.table import format_table
     from utils.evaluation.report import write_report
 
     captioner = load_captioner(conf, model, checkpoint=checkpoint + '.pth' if checkpoint else None)
@@ -36,7 +37,7 @@ def evaluate(conf, checkpoint: Optional[str], stamp: str, rows: List[dict], stat
         'results': [{'style': r['style'], 'image': r['image'], 'caption': c, 'reference': r['references']}
                     for r, c in zip(rows, captions)],
         'mode': 'eval', 'time': stamp, 'model': model, 'checkpoint': checkpoint,
-        'settings': {k: getattr(conf, k) for k in CSV_SETTINGS},
+        'settings': {k: conf.value(k) for k in CSV_SETTINGS},
         'style_blind': style_blind,
         'data': {'test': stats.to_dict()},
     }

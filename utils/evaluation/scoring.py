@@ -5,31 +5,26 @@ reference goes through pycocoevalcap's ``PTBTokenizer`` (fed ``{id: [{"caption":
 then each scorer's ``compute_score(gts, res)`` runs once over all samples. Metric names and
 values are pycocoevalcap's own: ``Bleu_1`` .. ``Bleu_4``, ``METEOR``, ``ROUGE_L``, ``CIDEr``,
 ``SPICE`` on its native scale (0-1; CIDEr-D as pycocoevalcap computes it may exceed 1).
-Only :func:`format_table` multiplies by 100 for display.
+Only :func:`utils.evaluation.table.format_table` multiplies by 100 for display.
 
 SPICE needs Stanford CoreNLP 3.6.0 jars that pycocoevalcap downloads on first use. Their
 absence is detected before SPICE is touched, so no download is attempted; SPICE is then
 reported as ``None`` with a ``spice_status`` line giving the command that installs the jars.
 
-Command line::
+METEOR is a Java process (~10 s to start): :func:`score` starts and stops one per call, or uses one
+kept running by :func:`start_meteor` / :func:`stop_meteor` (training's validations); inside
+:func:`shared_meteor` all of them use one (the test session's).
 
-    python -m utils.metrics INFERENCE_JSON [-o OUT.json] [--no-spice] [--conf C]
-
-Style accuracy (utils.style_classifier) comes with the caption metrics when a style classifier is found:
-with ``--conf C`` the one of C's train split, else the one kept in the model dir's ``style_classifier/``.
-
-Java must be on PATH (the PTB tokenizer, METEOR and SPICE are Java programs).
+Java must be on PATH (the PTB tokenizer, METEOR and SPICE are Java programs). Result files, style
+accuracy and the command line: :mod:`utils.evaluation.results`, :mod:`utils.metrics`.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import math
 import os
 import shutil
-import sys
-from pathlib import Path
 from typing import Iterator, Optional
 
 from pycocoevalcap.bleu.bleu import Bleu
@@ -41,12 +36,11 @@ from pycocoevalcap.spice.spice import Spice
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from utils.core.conf import VAL_METRICS
-from utils.core.errors import ResultFileError, first_line
-from utils.core.io import read_json, write_json_atomic
+from utils.core.errors import first_line
 
 logger = logging.getLogger(__name__)
 
-METRIC_NAMES = VAL_METRICS  # pycocoevalcap's names, in table order (declared once, in utils/conf.py)
+METRIC_NAMES = VAL_METRICS  # pycocoevalcap's names, in table order (declared once, in utils/core/conf.py)
 BLEU_NAMES = METRIC_NAMES[:4]
 SPICE_INSTALL_COMMAND = ('python -c "from pycocoevalcap.spice.get_stanford_models '
                          'import get_stanford_models; get_stanford_models()"')
@@ -83,7 +77,7 @@ def spice_unavailable_reason() -> Optional[str]:
             f'{SPICE_INSTALL_COMMAND}')
 
 
-def _first_line(exc: BaseException) -> str:
+def exception_line(exc: BaseException) -> str:
     """Exception type plus the first line of its message."""
     line = first_line(exc)
     return f'{type(exc).__name__}: {line}' if line else type(exc).__name__
@@ -104,7 +98,7 @@ def _spice_score(gts: dict, res: dict, spice: Optional[bool]) -> tuple[Optional[
         value = float(value)
     except Exception as exc:  # noqa: BLE001 - SPICE must never take the other metrics down
         logger.warning('SPICE failed: %s', exc)
-        return None, f'SPICE unavailable: SPICE failed at run time: {_first_line(exc)}'
+        return None, f'SPICE unavailable: SPICE failed at run time: {exception_line(exc)}'
     if not math.isfinite(value):
         return None, 'SPICE unavailable: SPICE returned no score (NaN)'
     return value, SPICE_COMPUTED
@@ -159,22 +153,57 @@ def tokenize(predictions: list[str], references: list[list[str]]) -> tuple[dict,
     return gts, res
 
 
+_sharing = False  # inside shared_meteor(): every METEOR asked for is _shared, started on first use
+_shared: Optional[Meteor] = None
+
+
+@contextlib.contextmanager
+def shared_meteor() -> Iterator[None]:
+    """Inside the block, every :func:`score` and :func:`start_meteor` uses one METEOR process, started on
+    first use and stopped when the block ends (e.g. a test session, where each eval would start its own)."""
+    global _sharing, _shared
+    if _sharing:
+        yield
+        return
+    _sharing = True
+    try:
+        yield
+    finally:
+        meteor, _sharing, _shared = _shared, False, None
+        if meteor is not None:
+            _stop_meteor(meteor)
+
+
+def _new_meteor() -> Meteor:
+    global _shared
+    if not _sharing:
+        return Meteor()
+    if _shared is None:
+        _shared = Meteor()
+    return _shared
+
+
 @contextlib.contextmanager
 def _meteor_scorer() -> Iterator[Meteor]:
     """Start pycocoevalcap's METEOR (a Java process, ~10 s to load) and always stop it afterwards."""
-    meteor = Meteor()
+    meteor = _new_meteor()
     try:
         yield meteor
     finally:
-        _stop_meteor(meteor)
+        stop_meteor(meteor)
 
 
 def start_meteor() -> Meteor:
     """A METEOR scorer for several :func:`score` calls; end it with :func:`stop_meteor`."""
-    return Meteor()
+    return _new_meteor()
 
 
 def stop_meteor(meteor: Meteor) -> None:
+    global _shared
+    if meteor is _shared and not meteor.lock.locked():
+        return  # shared_meteor() stops it; one left locked by a failed call is replaced
+    if meteor is _shared:
+        _shared = None
     _stop_meteor(meteor)
 
 
@@ -235,209 +264,3 @@ def score(predictions: list[str], references: list[list[str]], spice: Optional[b
     result = {name: values[name] for name in METRIC_NAMES}
     result.update(n_samples=n, spice_status=spice_status)
     return result
-
-
-def format_table(metrics: dict) -> str:
-    """A two-column text table of the metrics x100 with one decimal (as Personality-Captions
-    reports them); SPICE shows "n/a" plus its status line when it has no value."""
-    lines = ['metric     score (x100)']
-    if metrics.get('n_samples') is not None:
-        lines[0] += f'   n={metrics["n_samples"]}'
-    for name in METRIC_NAMES:
-        if name not in metrics:
-            continue
-        value = metrics[name]
-        lines.append(f'{name:<10} {"n/a" if value is None else f"{100 * value:.1f}":>12}')
-    if metrics.get('SPICE', 0) is None and metrics.get('spice_status'):
-        lines.append(metrics['spice_status'])
-    lines += _style_lines(metrics)
-    return '\n'.join(lines)
-
-
-def _style_lines(metrics: dict) -> list[str]:
-    """Style accuracy (x100) of the generated captions, its ceiling (the references) and chance."""
-    if 'style_accuracy_top1' not in metrics:
-        return []
-    if metrics['style_accuracy_top1'] is None:
-        return [metrics.get('style_status') or 'style accuracy unavailable']
-    pct = lambda v: 'n/a' if v is None else f'{100 * v:.1f}'  # noqa: E731
-    chance = metrics.get('style_chance_top1')
-    return ['style accuracy          top-1   top-5',
-            f'  generated captions  {pct(metrics["style_accuracy_top1"]):>7} {pct(metrics.get("style_accuracy_top5")):>7}',
-            f'  references (ceiling){pct(metrics.get("reference_style_accuracy_top1")):>7} '
-            f'{pct(metrics.get("reference_style_accuracy_top5")):>7}',
-            f'  chance              {pct(chance):>7} {pct(None if chance is None else min(1.0, 5 * chance)):>7}']
-
-
-# ---------------------------------------------------------------- command line
-
-def _read_json(path: str):
-    """Parsed JSON of path, or ResultFileError naming the file."""
-    try:
-        return read_json(path, 'result file', ResultFileError)
-    except OSError as exc:
-        raise ResultFileError(f'{path}: cannot read ({exc.strerror or exc})') from None
-
-
-def _row_references(row: dict, where: str) -> Optional[list[str]]:
-    """The row's non-blank references, or None when it has none (missing, null, "" or [])."""
-    ref = row.get('reference')
-    if isinstance(ref, str):
-        refs = [ref]
-    elif ref is None or isinstance(ref, list):
-        refs = ref or []
-        if not all(isinstance(r, str) for r in refs):
-            raise ResultFileError(f'{where}: "reference" list must contain only strings')
-    else:
-        raise ResultFileError(f'{where}: "reference" must be a string or a list of strings, got {type(ref).__name__}')
-    refs = [r for r in refs if r.strip()]
-    return refs or None
-
-
-def load_inference(path: str, data=None) -> tuple[list[str], list[list[str]], list[int], list]:
-    """(predictions, references, indices of the scored rows, all results rows) of a result file, read once.
-
-    The file is ``{"model_name", "model_revision", "n_eval_sample", "results": [{"style",
-    "image", "caption", "reference"}, ...]}`` with "reference" a string or a list of strings.
-    Rows without a reference are not scored (the caller counts them). Rows are numbered from 1 in
-    messages. Raises ResultFileError for a malformed file.
-    """
-    data = _read_json(path) if data is None else data
-    results = data.get('results') if isinstance(data, dict) else None
-    if not isinstance(results, list):
-        raise ResultFileError(f'{path}: expected a JSON object with a "results" list')
-    predictions, references, kept = [], [], []
-    for i, row in enumerate(results):
-        where = f'{path}: results row {i + 1} (results[{i}])'
-        if not isinstance(row, dict):
-            raise ResultFileError(f'{where}: expected an object, got {type(row).__name__}')
-        caption = row.get('caption')
-        if not isinstance(caption, str):
-            got = 'nothing' if caption is None else type(caption).__name__
-            raise ResultFileError(f'{where}: "caption" must be a string, got {got}')
-        refs = _row_references(row, where)
-        if refs is None:
-            continue
-        predictions.append(caption)
-        references.append(refs)
-        kept.append(i)
-    if not predictions:
-        raise ResultFileError(f'{path}: none of the {len(results)} results rows has a reference to score against')
-    return predictions, references, kept, results
-
-
-def style_metrics(data: dict, path: str, predictions: list[str], references: list[list[str]],
-                  styles: list[Optional[str]], conf=None, model_dir: Optional[str] = None
-                  ) -> tuple[dict, list[Optional[str]]]:
-    """The style figures of a file's scored rows (see utils.style_classifier) and the predicted style of each
-    scored row (None where a row has no "style"). The classifier: with ``conf`` (a Conf), the one of that
-    conf's train split (cached in its work_dir, and kept in ``model_dir`` when given); otherwise the copy kept
-    in ``style_classifier/`` of the model dir the file names ("model" or "model_name"), or of ``output/``
-    beside the file (a work_dir's default model)."""
-    from utils.core.layout import OUTPUT_DIR
-    from utils.evaluation.style_classifier import classifier_for_conf, find_carried_classifier, style_figures
-
-    if conf is not None:
-        classifier, status = classifier_for_conf(conf, model_dir)
-    else:
-        named = [data.get(k) for k in ('model', 'model_name') if isinstance(data.get(k), str)]
-        classifier, status = find_carried_classifier(
-            named + [os.path.join(os.path.dirname(os.path.abspath(path)), OUTPUT_DIR)])
-    keep = [i for i, s in enumerate(styles) if s is not None]
-    if classifier is not None and len(keep) < len(styles):
-        logger.warning('%s: %d scored rows have no "style"; style accuracy covers the other %d',
-                       path, len(styles) - len(keep), len(keep))
-    figures, predicted = style_figures(classifier, [styles[i] for i in keep], [predictions[i] for i in keep],
-                                       [references[i] for i in keep], status)
-    per_row: list[Optional[str]] = [None] * len(styles)
-    for i, p in zip(keep, predicted):
-        per_row[i] = p
-    return figures, per_row
-
-
-def score_file(path: str, conf=None, spice: Optional[bool] = None, model_dir: Optional[str] = None,
-               data=None) -> dict:
-    """Score a result file (``inference_*.json`` or ``eval_*.json``: the same schema) the one way the toolkit
-    scores: pycocoevalcap's metrics of every row with a reference, and the style figures. ``data``: the
-    file's content when the caller has it (the file is then not read again). Returns
-    ``{"metrics", "n_scored", "n_skipped", "predicted_styles"}`` (the last: one per results row, None for a
-    row that was not scored). Raises ResultFileError for a malformed file."""
-    data = _read_json(path) if data is None else data
-    predictions, references, kept, rows = load_inference(path, data)
-    skipped = len(rows) - len(kept)
-    if skipped:
-        logger.warning('%s: skipped %d of %d rows that have no reference', path, skipped, len(rows))
-    metrics = score(predictions, references, spice=spice)
-    styles = [rows[i].get('style') if isinstance(rows[i].get('style'), str) else None for i in kept]
-    figures, predicted = style_metrics(data, path, predictions, references, styles, conf, model_dir)
-    metrics.update(figures)
-    per_row: list[Optional[str]] = [None] * len(rows)
-    for i, p in zip(kept, predicted):
-        per_row[i] = p
-    return {'metrics': metrics, 'n_scored': len(predictions), 'n_skipped': skipped, 'predicted_styles': per_row}
-
-
-def default_output_path(input_path: str) -> str:
-    """<input dir>/<input stem>_metrics.json."""
-    p = Path(input_path)
-    return str(p.with_name(f'{p.stem}_metrics.json'))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog='python -m utils.metrics',
-        description='Score an inference JSON file with pycocoevalcap (BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE).')
-    parser.add_argument('inference_json', help='a result file (inference_*.json or eval_*.json): a "results" list of {caption, reference, ...}')
-    parser.add_argument('-o', '--output', help='metrics JSON to write (default: <input stem>_metrics.json beside the input)')
-    parser.add_argument('--no-spice', action='store_true', help='skip SPICE even if its jars are installed')
-    parser.add_argument('--conf', help='style accuracy with the style classifier of this conf\'s train split '
-                                       '(default: the one kept in the style_classifier/ of the model dir)')
-    return parser
-
-
-def _read_conf(path: str):
-    """The --conf file as a Conf (its train split gives the style classifier), or ResultFileError."""
-    from utils.core.errors import ConfError
-    from utils.core.conf import read_conf
-    try:
-        return read_conf(path)
-    except ConfError as exc:
-        raise ResultFileError(f'--conf {path}: {exc}') from None
-
-
-def _error(message: str) -> None:
-    print(f'error: {" ".join(message.split())}', file=sys.stderr)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """CLI entry point; returns the exit code (0 ok, 2 bad input, 1 scoring/writing failed)."""
-    args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-    path = args.inference_json
-    try:
-        data = _read_json(path)
-        conf = _read_conf(args.conf) if args.conf else None
-        scored = score_file(path, conf, spice=False if args.no_spice else None, data=data)
-    except ResultFileError as exc:  # a malformed file: found by load_inference before any scoring
-        _error(str(exc))
-        return 2
-    except (RuntimeError, ValueError, OSError) as exc:
-        _error(f'{path}: scoring failed: {_first_line(exc)}')
-        return 1
-    metrics = scored['metrics']
-    out = args.output or default_output_path(path)
-    payload = {'input': path, 'metrics': metrics, 'n_scored': scored['n_scored'], 'n_skipped': scored['n_skipped']}
-    try:
-        write_json_atomic(out, payload)
-    except OSError as exc:
-        _error(f'{out}: cannot write metrics ({exc.strerror or exc})')
-        return 1
-    print(format_table(metrics))
-    logger.info('scored %d rows (%d skipped without a reference); metrics written to %s',
-                scored['n_scored'], scored['n_skipped'], out)
-    return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())

@@ -1,4 +1,5 @@
-"""Every place where the toolkit changes ModelScope's behaviour, with the reason, in one package.
+"""Every place where the toolkit changes how ModelScope's own code behaves (a function or method of its replaced
+or wrapped, or its global state changed), with the reason, in one package.
 
 Written for ModelScope 1.40.2 (requirements.txt). Importing this package checks the installed ModelScope
 once: another version, or a ModelScope where something a patch relies on is gone, gets one warning per
@@ -13,10 +14,23 @@ patch naming what differs (see :func:`check_modelscope`), never a silent wrong r
 | trainer-state loading allow-list | ``checkpoints`` | torch 2.11's ``weights_only=True`` refuses the numpy RNG state in ModelScope's trainer state: ``-p`` could not resume |
 | autocast on the forward the criterion runs | ``train_step`` | ModelScope's fp16 hook wraps ``OfaForAllTasks.forward``, which the OFA criterion never calls |
 | gradient averaging, buffer broadcast, ``set_epoch`` under torchrun | ``train_step`` | ``OFATrainer.train_step`` calls the model around DDP's forward: gradients were never all-reduced; no sampler reshuffle per epoch |
+| ModelScope's console handler at warnings (everything with ``verbose``) | ``console`` | the global ``modelscope`` logger prints its config dump, hook table and a line per iteration on the console |
+| the run's ``work_dir/{time}.log`` handler detached after training | ``console`` | the trainer attaches it to the global ``modelscope`` logger and never removes it: later work in the process wrote into that run's log |
 
-Two more changes live with the class they extend: the stylish preprocessor owns its column names
-(``preprocessors/stylish_ic.py``: a model's ``dataset.column_map`` renamed the toolkit's rows), and the SCST
-stage replaces ``trainer.criterion`` (``utils/training/stages.py``).
+The toolkit's other adaptations of ModelScope go through ModelScope's own extension points (a subclass
+overriding a method, a registry, a public attribute, the cfg) and live with what they extend; they change
+nothing outside the toolkit's own objects:
+
+| change | where | why it stays there |
+|---|---|---|
+| the rows' field names are the toolkit's (``column_map``), whatever a model's ``dataset.column_map`` says | ``utils/captioning/preprocessor.py``, ``OfaStylishICPreprocessor.__init__`` | an attribute of the subclass's own instances: ModelScope's OFA recipe writes ``column_map`` (e.g. text -> caption) into configuration.json, which would rename the toolkit's rows |
+| the prompt built per sample from its style; pixels from the image cache | same module, ``_build_infer_sample`` and ``patch_image`` overrides | methods of the subclass |
+| ``OfaPreprocessor`` whose inner preprocessor is the stylish one (built without ``OfaPreprocessor.__init__``); ``save_pretrained`` also writes ``style_map.json`` | same module, ``OfaPreprocessorForStylishIC`` | a subclass, registered under its own name (``PREPROCESSORS``) |
+| ModelScope's ``prepare_model`` skipped (``self._model_prepare = True``) | ``utils/captioning/pipeline.py``, ``StylishImageCaptioningPipeline.__init__`` | set on the subclass's own instance, registered under its own name (``PIPELINES``): the Captioner has already put the model on its device, in eval mode |
+| a new ``SequenceGenerator`` (the conf's beam settings) as a loaded model's ``generator`` | ``utils/captioning/captioner.py``, ``Captioner.set_generation`` | the Captioner's own model instance; ``generation.speed_up`` then repairs that generator |
+| the SCST criterion instead of OFATrainer's (``trainer.criterion``, sharing ``trainer.log_buffer``) | ``utils/training/stages.py``, ``Scst.install`` | the trainer's public attributes, on one trainer |
+| the training configuration (task, pipeline type, optimizer, criterion, hooks, ``output_sub_dir``) | ``utils/training/trainer.py``, ``make_cfg_modify_fn`` | ModelScope's own ``cfg_modify_fn`` argument: configuration, not a change to its code |
+| transformers' "does not inherit GenerationMixin" notice filtered out; the ``fairseq`` logger at warnings | ``utils/core/logs.py``, ``setup_logging`` | not ModelScope's code: a filter and a level on those libraries' named loggers, set with the console by every command, including those that never import ModelScope (``utils.core`` is below this package) |
 """
 from __future__ import annotations
 
@@ -37,6 +51,11 @@ def _has(path: str, *attrs: str) -> Callable[[], bool]:
     return check
 
 
+def _modelscope_logger() -> logging.Logger:
+    from modelscope.utils.logger import get_logger
+    return get_logger()
+
+
 # patch -> what in ModelScope it relies on (each a check that must hold)
 RELIES_ON: Dict[str, Dict[str, Callable[[], bool]]] = {
     'hub_check': {
@@ -53,6 +72,13 @@ RELIES_ON: Dict[str, Dict[str, Callable[[], bool]]] = {
         'CheckpointProcessor.prepare_output, save_model_state, save_trainer_state, link':
             _has('modelscope.trainers.hooks.checkpoint.checkpoint_processor.CheckpointProcessor',
                  'prepare_output', 'save_model_state', 'save_trainer_state', 'link'),
+    },
+    'console': {
+        'modelscope.utils.logger.get_logger, returning the global "modelscope" logger':
+            lambda: _modelscope_logger().name == 'modelscope',
+        'the console StreamHandler of the "modelscope" logger':
+            lambda: any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+                        for h in _modelscope_logger().handlers),
     },
     'train_step': {
         'OptimizerProcessor.backward, initialize_optimizer':

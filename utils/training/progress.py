@@ -1,6 +1,7 @@
 """What a person sees while training: a progress bar per epoch (loss, learning rate, eta) and the toolkit's
 own log lines. ModelScope's console output (its config dump, hook table and per-iteration lines) goes to
-its log file in work_dir only, unless the conf's ``verbose`` asks for it on the console too."""
+its log file in work_dir only, unless the conf's ``verbose`` asks for it on the console too: that is a
+change to ModelScope's global logger, :func:`utils.patches.console.modelscope_console`."""
 from __future__ import annotations
 
 import logging
@@ -12,15 +13,6 @@ from modelscope.trainers.hooks.priority import Priority
 from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
-
-
-def modelscope_console(verbose: bool) -> None:
-    """ModelScope's own console handler shows warnings only (everything stays in its log file), or
-    everything with ``verbose``."""
-    from modelscope.utils.logger import get_logger
-    for handler in get_logger().handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 class ProgressHook(Hook):

@@ -7,7 +7,7 @@ import os
 import re
 from typing import List, Optional, Tuple
 
-from utils.core.errors import ConfError
+from utils.core.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 CKPT_NAME = re.compile(r'^(iter|epoch)_(\d+)\.pth$')
@@ -55,14 +55,14 @@ def resolve_checkpoint(arg: Optional[str], work_dir: str) -> Optional[str]:
                 logger.info('newest readable checkpoint: %s', prefix)
                 return prefix
             logger.warning('skipping unreadable checkpoint %s: %s', prefix, problem)
-        raise ConfError(f'-p latest: no readable checkpoint (iter_N.pth + iter_N_trainer_state.pth) in {work_dir}')
+        raise CheckpointError(f'-p latest: no readable checkpoint (iter_N.pth + iter_N_trainer_state.pth) in {work_dir}')
     prefix = arg[:-4] if arg.endswith('.pth') else arg
     if not os.path.isfile(prefix + '.pth'):
-        raise ConfError(f'checkpoint {arg}: {prefix}.pth does not exist')
+        raise CheckpointError(f'checkpoint {arg}: {prefix}.pth does not exist')
     if not os.path.isfile(prefix + TRAINER_STATE):
-        raise ConfError(f'checkpoint {arg} is not a CheckpointHook checkpoint: '
-                        f'{prefix}{TRAINER_STATE} does not exist')
+        raise CheckpointError(f'checkpoint {arg} is not a CheckpointHook checkpoint: '
+                              f'{prefix}{TRAINER_STATE} does not exist')
     problem = readable(prefix)
     if problem is not None:
-        raise ConfError(f'checkpoint {arg} cannot be loaded: {problem}')
+        raise CheckpointError(f'checkpoint {arg} cannot be loaded: {problem}')
     return prefix

@@ -19,6 +19,7 @@ def train(conf: Conf, checkpoint: Optional[str], stamp: str, rows: List[dict], s
     """Train the conf's stage on rows; with val_rows, validate and keep work_dir/output_best as it goes.
     Returns the run summary (the resolved conf, data counts, iterations, the best validation)."""
     from utils.patches.checkpoints import trainer_state_loading
+    from utils.patches.console import detach_file_logs
     from utils.training.validation import ValidationHook
 
     model_dir = assembly.model_dir_of(conf)
@@ -33,7 +34,7 @@ def train(conf: Conf, checkpoint: Optional[str], stamp: str, rows: List[dict], s
     finally:
         if validation is not None:
             validation.close()
-        assembly.detach_file_logs(conf.run.work_dir)
+        detach_file_logs(conf.run.work_dir)
     output = os.path.join(conf.run.work_dir, OUTPUT_DIR)
     summary = {'mode': 'train', 'time': stamp, 'checkpoint': checkpoint, 'output': output,
                'conf': conf.to_dict(), 'data': {'train': stats.to_dict()}, 'styles': len(style_map.tokens),

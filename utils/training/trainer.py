@@ -7,7 +7,6 @@ every stage.
 from __future__ import annotations
 
 import logging
-import os
 from typing import List
 
 from utils.core import distributed
@@ -97,7 +96,8 @@ def build_trainer(conf: Conf, rows: List[dict], style_map, model_dir: str):
     stage = STAGES[conf.train.stage]
     dataset = stage.dataset(rows, preprocessor['train'])
     from utils.patches.train_step import TrainStepHook  # also registers distributed.HOOK_TYPE
-    from utils.training.progress import ProgressHook, modelscope_console
+    from utils.patches.console import modelscope_console
+    from utils.training.progress import ProgressHook
     modelscope_console(conf.run.verbose)
     with no_hub_check_for_local_model(conf.model.is_local):
         trainer = OFATrainer(model=conf.model.model_name, model_revision=conf.model.model_revision,
@@ -109,14 +109,3 @@ def build_trainer(conf: Conf, rows: List[dict], style_map, model_dir: str):
         trainer.register_hook(ProgressHook(conf.train.log_interval))
     stage.install(trainer, conf, rows)
     return trainer
-
-
-def detach_file_logs(work_dir: str) -> None:
-    """ModelScope's trainer attaches a file handler for work_dir/{time}.log to its global logger; once
-    the run is over, later work in the same process must not keep writing into that run's log."""
-    root = os.path.abspath(work_dir)
-    log = logging.getLogger('modelscope')
-    for handler in list(log.handlers):
-        if isinstance(handler, logging.FileHandler) and os.path.abspath(handler.baseFilename).startswith(root):
-            log.removeHandler(handler)
-            handler.close()

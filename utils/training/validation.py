@@ -1,9 +1,9 @@
 """Validation during training: caption the val split with the model being trained, score it, keep the best.
 
 Every ``eval_interval`` iterations and at the end of every epoch (``eval_every_epoch``), :class:`ValidationHook`
-captions the val rows with the toolkit's batched generator (:class:`utils.captioner.Captioner` wrapped around
+captions the val rows with the toolkit's batched generator (:class:`utils.captioning.captioner.Captioner` wrapped around
 the trainer's live model: the conf's beam settings and precision, nothing reloaded from disk), scores the
-captions with pycocoevalcap (:func:`utils.metrics.score`; SPICE only with ``val_spice``), logs the figures and
+captions with pycocoevalcap (:func:`utils.evaluation.scoring.score`; SPICE only with ``val_spice``), logs the figures and
 appends one line to ``work_dir/val_metrics.jsonl``::
 
     {"iteration": 120, "epoch": 3, "metrics": {"CIDEr": .., "Bleu_4": .., "METEOR": .., "ROUGE_L": .., ...},
