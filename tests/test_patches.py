@@ -19,9 +19,7 @@ HOOK_POINTS = [
       for attr in ('prepare_output', 'save_model_state', 'save_trainer_state', 'link')],
     *[('modelscope.trainers.hooks.optimizer.base', 'OptimizerProcessor', attr, 'train_step')
       for attr in ('backward', 'initialize_optimizer')],
-    pytest.param('modelscope.trainers.multi_modal.ofa.ofa_trainer', 'OFATrainer', 'train_step', 'train_step',
-                 marks=pytest.mark.xfail(strict=True, reason='not detected: the check is hasattr, and OFATrainer '
-                                         'without its own train_step still has EpochBasedTrainer\'s')),
+    ('modelscope.trainers.multi_modal.ofa.ofa_trainer', 'OFATrainer', 'train_step', 'train_step'),
     ('modelscope.trainers.hooks.distributed.ddp_hook', 'DDPHook', 'wrap_module', 'train_step'),
 ]
 

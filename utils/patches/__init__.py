@@ -51,6 +51,15 @@ def _has(path: str, *attrs: str) -> Callable[[], bool]:
     return check
 
 
+def _defines(path: str, attr: str) -> Callable[[], bool]:
+    """The class itself defines attr (not only a base class: the patch relies on that override)."""
+    def check() -> bool:
+        import importlib
+        module_name, _, obj_name = path.rpartition('.')
+        return attr in vars(getattr(importlib.import_module(module_name), obj_name))
+    return check
+
+
 def _modelscope_logger() -> logging.Logger:
     from modelscope.utils.logger import get_logger
     return get_logger()
@@ -84,7 +93,7 @@ RELIES_ON: Dict[str, Dict[str, Callable[[], bool]]] = {
         'OptimizerProcessor.backward, initialize_optimizer':
             _has('modelscope.trainers.hooks.optimizer.base.OptimizerProcessor', 'backward', 'initialize_optimizer'),
         'OFATrainer.train_step':
-            _has('modelscope.trainers.multi_modal.ofa.ofa_trainer.OFATrainer', 'train_step'),
+            _defines('modelscope.trainers.multi_modal.ofa.ofa_trainer.OFATrainer', 'train_step'),
         'DDPHook.wrap_module':
             _has('modelscope.trainers.hooks.distributed.ddp_hook.DDPHook', 'wrap_module'),
     },
