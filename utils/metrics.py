@@ -25,7 +25,7 @@ from utils.evaluation.results import default_output_path, read_result_file, scor
 from utils.evaluation.scoring import exception_line
 from utils.evaluation.table import format_table
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger('utils.metrics')  # also under python -m
 
 
 def build_parser() -> argparse.ArgumentParser:
