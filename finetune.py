@@ -154,9 +154,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             distributed.barrier()  # the other ranks start once rank 0 holds the work_dir
             if args.mode == 'train':
                 from utils.training import train
-                summary = train(conf, checkpoint, stamp, rows, stats, style_map, val_rows)
-                if main_rank:
-                    write_summary(conf, stamp, summary)
+                sweep = lock.sweep if isinstance(lock, WorkDirLock) else lambda: None
+                sweep()  # what a killed or failed run left (only the lock's holder may: they are no one else's)
+                try:
+                    summary = train(conf, checkpoint, stamp, rows, stats, style_map, val_rows)
+                    if main_rank:
+                        write_summary(conf, stamp, summary)
+                finally:
+                    sweep()  # this run's, on a failure (nothing is left after a run that ended well)
             else:
                 from utils.evaluation.run import evaluate
                 evaluate(conf, checkpoint, stamp, rows, stats, log_csv=args.log_csv, model=args.model,

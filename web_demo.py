@@ -6,13 +6,15 @@ A gradio app over the toolkit's Captioner (the same captions as pre_inference.py
 the model of -m (default: {work_dir}/output; the conf's model_name is the base model it was trained from). The
 model is loaded once; beam size and caption length are set per request. The app binds to 127.0.0.1 unless
 --host says otherwise. It serves nothing but the uploads and what it shows (a private temporary folder, removed
-when the app stops). Ctrl-C stops it (exit code 130). The app itself: utils/demo/web_app.py.
+when the app stops). Ctrl-C stops it (exit code 130), SIGTERM too (exit code 143), removing that folder either way.
+The app itself: utils/demo/web_app.py.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
 import warnings
 from typing import List, Optional
@@ -59,7 +61,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     return run_reporting_errors(lambda: run(args), debug=args.debug)
 
 
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+def _terminated(signum, frame):
+    """SIGTERM (kill, systemd, docker stop): leave as Ctrl-C does, through every ``finally`` (the server closes,
+    the private folder with the users' uploads is removed), with exit code 143."""
+    logger.info('SIGTERM: stopping the web demo')
+    raise SystemExit(EXIT_TERMINATED)
+
+
 def run(args) -> int:
+    signal.signal(signal.SIGTERM, _terminated)
     from utils.captioning.captioner import load_captioner
     from utils.demo.web_app import Demo, build_app, private_folder, sample_images, serve
 
@@ -73,7 +86,7 @@ def run(args) -> int:
         # data: the sample images; work: the app, until Ctrl-C (KeyboardInterrupt: exit code 130)
         demo = Demo(captioner, sample_images(conf, private.samples), max_bytes=max_bytes,
                     batch_size=conf.run.batch_size)
-        serve(build_app(demo, os.path.abspath(captioner.model_dir)), args.host, args.port, max_bytes)
+        serve(build_app(demo, os.path.abspath(captioner.model_dir)), args.host, args.port, max_bytes, debug=args.debug)
     return 0
 
 

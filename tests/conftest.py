@@ -199,4 +199,6 @@ def random_output(trained, tiny_model, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp('random_output') / 'output'
     shutil.copytree(Path(trained[1], 'output'), model_dir)
     shutil.copy(Path(tiny_model, 'pytorch_model.bin'), model_dir / 'pytorch_model.bin')
+    from utils.core.checksums import write_weights_checksum
+    write_weights_checksum(str(model_dir))  # the checksum of the weights it now holds
     return str(model_dir)

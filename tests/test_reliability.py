@@ -141,6 +141,7 @@ def test_unexpected_error_is_one_line_exit_1_and_debug_shows_it(trained, tmp_pat
     broken = tmp_path / 'broken'
     shutil.copytree(trained[1] / 'output', broken)
     (broken / 'pytorch_model.bin').write_bytes(b'not torch')
+    (broken / 'weights.sha256').unlink()  # unverified: ModelScope's own loader meets the bad file
     assert pre_inference.main(['--conf', trained[0], '-m', str(broken), '-n', '1']) == 1
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith('error: ')]

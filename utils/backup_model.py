@@ -19,8 +19,9 @@ file under the final name. It holds one folder:
                                     model_name/model_revision, checkpoint, creation time
 
 --restore extracts to DIR/{model}_{time}/ (refusing absolute paths, "..", links and device files,
-and an existing target), checks every file against the manifest, and prints the model dir, which
-pre_inference.py -m takes.
+a manifest whose model_dir or conf is not a path inside the archive, and an existing target), checks
+every file's sha256 and size against the manifest, and prints the model dir, which pre_inference.py -m
+takes. --verify checks sha256 and size too.
 
 Exit codes: 0 ok; 1 the archive's content differs from its manifest (--verify, --restore: the
 differences are listed); 2 bad input (conf, checkpoint, paths) or an unreadable, corrupt or unsafe

@@ -1,7 +1,7 @@
 """The backup archive's format: one tar.gz holding one folder {model}_{time}/ with the model, the conf and a
 manifest of the sha256 and size of every other file. Its members (written with fixed owners and modes), the
 checks that keep an entry from being extracted (links, devices, absolute paths, ".."), the manifest's
-reading and writing, and the one chunked sha256 every part of a backup hashes with.
+reading and writing; every part of a backup hashes with the toolkit's one chunked sha256 (utils/core/checksums.py).
 
 An archive is written under a temporary name in its folder and renamed when complete, never onto an
 existing file (:func:`write_archive`).
@@ -9,7 +9,6 @@ existing file (:func:`write_archive`).
 from __future__ import annotations
 
 import datetime
-import hashlib
 import io
 import json
 import os
@@ -17,9 +16,12 @@ import re
 import tarfile
 import tempfile
 from dataclasses import dataclass
-from typing import BinaryIO, List, Optional, Tuple, Union
+from typing import List, Optional, Union
 
+from utils.core.checksums import CHUNK, Digest, hash_file, hash_stream  # noqa: F401 - the backup's hashes
 from utils.core.errors import BackupError
+from utils.core.io import sweep_stale, writer_tag
+from utils.core.layout import WEIGHTS_FILES  # noqa: F401 - what ModelScope loads from a model dir
 
 SUFFIX = '.tar.gz'
 MODEL_DIR = 'model'
@@ -27,46 +29,12 @@ CONF_FILE = 'conf.json'
 MANIFEST = 'manifest.json'
 FORMAT = 'ofa-stylish-ic-backup'
 FORMAT_VERSION = 1
-WEIGHTS_FILES = ('pytorch_model.bin', 'pytorch_model.pt')  # what ModelScope loads from a model dir
 MAX_MANIFEST_BYTES = 64 << 20
-CHUNK = 1 << 20
 
 
 # ---------------------------------------------------------------- hashes
-
-class Digest:
-    """The sha256 and size of the bytes fed to it: a manifest entry."""
-
-    def __init__(self):
-        self.sha, self.size = hashlib.sha256(), 0
-
-    def update(self, data: bytes) -> bytes:
-        self.sha.update(data)
-        self.size += len(data)
-        return data
-
-    def entry(self) -> dict:
-        return {'sha256': self.sha.hexdigest(), 'size': self.size}
-
-
-def hash_stream(f: BinaryIO, keep_up_to: int = 0) -> Tuple[dict, Optional[bytes]]:
-    """Read the binary file f to its end, CHUNK bytes at a time: its manifest entry ``{sha256, size}``, and,
-    with ``keep_up_to``, its content when it is at most that many bytes long (else None)."""
-    digest, kept = Digest(), []
-    while True:
-        data = f.read(CHUNK)
-        if not data:
-            break
-        digest.update(data)
-        if digest.size <= keep_up_to:
-            kept.append(data)
-    return digest.entry(), (b''.join(kept) if keep_up_to and digest.size <= keep_up_to else None)
-
-
-def hash_file(path: str) -> dict:
-    """The manifest entry ``{sha256, size}`` of the file at path."""
-    with open(path, 'rb') as f:
-        return hash_stream(f)[0]
+# Digest, hash_stream, hash_file: the toolkit's one chunked sha256 (utils/core/checksums.py), shared with the
+# checksums of checkpoints and model dirs.
 
 
 class _HashingReader:
@@ -138,10 +106,20 @@ def _publish(tmp: str, directory: str, stem: str) -> str:
         return final
 
 
+ARCHIVE_TEMPORARY = r'.+\.tar\.gz\..+\.tmp'  # {stem}.tar.gz.@{host}-{pid}.XXXX.tmp (older ones: no @tag)
+
+
+def sweep_stale_archives(directory: str):
+    """Remove the temporaries of backups into ``directory`` that were interrupted (a kill, a power cut): those whose
+    writer is gone or that were not written to for an hour (utils.core.io.sweep_stale); a running backup's stays."""
+    return sweep_stale(directory, ARCHIVE_TEMPORARY, 'backup temporaries')
+
+
 def write_archive(directory: str, stem: str, entries: List[Entry], manifest: dict) -> str:
     """Write {directory}/{stem}.tar.gz (or _N) holding folder {stem}/ with the entries and a manifest
     of their hashes; atomic: a temporary file in the same folder, renamed when complete."""
-    fd, tmp = tempfile.mkstemp(prefix=f'{stem}{SUFFIX}.', suffix='.tmp', dir=directory)
+    sweep_stale_archives(directory)
+    fd, tmp = tempfile.mkstemp(prefix=f'{stem}{SUFFIX}.{writer_tag()}.', suffix='.tmp', dir=directory)
     published = False
     try:
         with os.fdopen(fd, 'wb') as raw:

@@ -15,11 +15,12 @@ from typing import Dict, Optional, Union
 from utils import __version__
 from utils.backup.archive import CONF_FILE, FORMAT, FORMAT_VERSION, MODEL_DIR, WEIGHTS_FILES, Entry, write_archive
 from utils.backup.shareable import path_roots, scrubbed_json, shareable_conf
+from utils.core.checksums import check_model_dir, format_sums, sha256_of
 from utils.core.conf import is_local_model
 from utils.core.conf_checks import load_conf
 from utils.core.errors import BackupError, CheckpointError, ModelDirError, first_line, raise_system_failure
 from utils.core.io import timestamp
-from utils.core.layout import OUTPUT_DIR, STYLE_MAP_FILE
+from utils.core.layout import OUTPUT_DIR, STYLE_MAP_FILE, WEIGHTS_CHECKSUM_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def short_model_name(model_name: str) -> str:
     return re.sub(r'[^A-Za-z0-9._-]+', '_', base).strip('._-') or 'model'
 
 
-def _model_files(model_dir: str) -> Dict[str, str]:
+def _model_files(model_dir: str) -> Dict[str, Union[str, bytes]]:
     """rel path inside model/ -> file, for every file of model_dir (symlinked files by content)."""
     files = {}
     for root, dirs, names in os.walk(model_dir):
@@ -133,6 +134,8 @@ def backup(conf_path: str, out_dir: Optional[str] = None, conf_mode: str = 'full
     weights_rel = next((w for w in WEIGHTS_FILES if w in files), None)
     if weights_rel is None:
         raise ModelDirError(f'{output} has no {WEIGHTS_FILES[0]}: train until the first checkpoint is written')
+    if checkpoint is None:  # weights that do not match their weights.sha256 are not backed up
+        check_model_dir(output)
 
     out_dir = out_dir or conf.run.work_dir
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -150,6 +153,8 @@ def backup(conf_path: str, out_dir: Optional[str] = None, conf_mode: str = 'full
             prefix = resolve_checkpoint(_in_work_dir(checkpoint, conf.run.work_dir), conf.run.work_dir)
             scratch = tempfile.mkdtemp(prefix='.backup_', dir=out_dir)
             files[weights_rel] = checkpoint_weights(prefix, files[weights_rel], scratch)
+            # the model/ dir's weights.sha256 describes the checkpoint's weights it holds
+            files[WEIGHTS_CHECKSUM_FILE] = format_sums([(sha256_of(files[weights_rel]), weights_rel)]).encode()
             checkpoint_name = os.path.basename(prefix)
             logger.info('weights from checkpoint %s', prefix + '.pth')
 
@@ -157,6 +162,9 @@ def backup(conf_path: str, out_dir: Optional[str] = None, conf_mode: str = 'full
         entries = []
         for rel, path in files.items():
             source: Union[str, bytes] = path
+            if isinstance(path, bytes):
+                entries.append(Entry(f'{MODEL_DIR}/{rel}', path))
+                continue
             if roots and rel.endswith('.json'):
                 source = scrubbed_json(path, roots) or path
             entries.append(Entry(f'{MODEL_DIR}/{rel}', source))

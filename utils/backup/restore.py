@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sys
 import tarfile
@@ -16,10 +17,12 @@ from typing import Dict, List, Optional, Tuple
 from utils.backup.archive import (MANIFEST, MAX_MANIFEST_BYTES, MODEL_DIR, hash_file, hash_stream, member_problem,
                                   name_parts, read_manifest, strict_filter)
 from utils.core.errors import BackupError, raise_system_failure
+from utils.core.io import sweep_stale, writer_tag
 
 logger = logging.getLogger(__name__)
 
 EXIT_DIFFERS = 1
+RESTORE_STAGING = r'\..+\.@[A-Za-z0-9_]+-\d+\..+\.partial'  # .{top}.@{host}-{pid}.XXXX.partial in the restore folder
 
 
 @dataclass
@@ -30,6 +33,35 @@ class Scan:
     files: Dict[str, dict] = field(default_factory=dict)   # rel inside top -> {sha256, size}
     outside: List[str] = field(default_factory=list)       # entries not under top/
     unsafe: List[Tuple[str, str]] = field(default_factory=list)  # (entry, why)
+    bad_fields: List[Tuple[str, str]] = field(default_factory=list)  # (manifest field, why): paths out of top/
+
+
+def _plain(value) -> str:
+    """A manifest value as printed: no control characters (a crafted manifest writes nothing to the terminal)."""
+    return re.sub(r'[\x00-\x1f\x7f]', '?', str(value))
+
+
+def field_problems(manifest: dict) -> List[Tuple[str, str]]:
+    """(field, why) for each path field of the manifest that does not name a file of the archive's top folder:
+    ``model_dir`` must be a relative folder holding files of the manifest, ``conf`` (null: no conf) one of its
+    files. Restore prints these paths (users pass the model dir to ``-m``), so none may point outside the target."""
+    files = manifest['files']
+    problems = []
+    for key, default in (('model_dir', MODEL_DIR), ('conf', None)):
+        value = manifest.get(key, default)
+        if value is None and key == 'conf':
+            continue
+        if not isinstance(value, str) or not value:
+            problems.append((key, f'{_plain(value)!r} is not a path'))
+        elif value.startswith(('/', '\\')) or os.path.isabs(value) or re.match(r'^[A-Za-z]:', value):
+            problems.append((key, f'{_plain(value)!r} is an absolute path'))
+        elif any(p in ('..', '.', '') for p in re.split(r'[\\/]', value.rstrip('/'))):
+            problems.append((key, f'{_plain(value)!r} is not a plain path inside the archive (".", ".." or "//")'))
+        elif key == 'conf' and value not in files:
+            problems.append((key, f'{_plain(value)!r} is not a file of the manifest'))
+        elif key == 'model_dir' and not any(rel.startswith(value.rstrip('/') + '/') for rel in files):
+            problems.append((key, f'{_plain(value)!r} is not a folder of the manifest\'s files'))
+    return problems
 
 
 def scan_archive(archive: str) -> Scan:
@@ -72,6 +104,7 @@ def scan_archive(archive: str) -> Scan:
                           f'({", ".join(sorted(manifests))}): not a backup made by utils.backup_model')
     top, data = next(iter(manifests.items()))
     scan = Scan(top=top, manifest=read_manifest(data, f'{archive}: {top}/{MANIFEST}'), unsafe=unsafe)
+    scan.bad_fields = field_problems(scan.manifest)
     for name, h in found.items():
         if name.startswith(top + '/'):
             scan.files[name[len(top) + 1:]] = h
@@ -89,6 +122,9 @@ def differences(manifest: dict, files: Dict[str, dict]) -> List[Tuple[str, str]]
             diffs.append(('missing', rel))
         elif files[rel]['sha256'] != expected[rel]['sha256']:
             diffs.append(('changed', rel))
+        elif files[rel]['size'] != expected[rel].get('size'):  # a manifest without sizes differs too
+            diffs.append(('changed', f'{rel} (size {files[rel]["size"]}, the manifest says '
+                                     f'{_plain(expected[rel].get("size"))})'))
     diffs += [('extra', rel) for rel in sorted(files) if rel not in expected and rel != MANIFEST]
     return diffs
 
@@ -98,6 +134,7 @@ def _report(archive: str, scan: Scan, diffs: List[Tuple[str, str]]) -> int:
     problems = [f'{kind}: {scan.top}/{rel}' for kind, rel in diffs]
     problems += [f'extra: {name} (outside {scan.top}/)' for name in sorted(scan.outside)]
     problems += [f'unsafe: {name} is {why}' for name, why in scan.unsafe]
+    problems += [f'unsafe: {scan.top}/{MANIFEST} field {key}: {why}' for key, why in scan.bad_fields]
     if not problems:
         return 0
     for line in problems:
@@ -115,8 +152,8 @@ def verify(archive: str) -> int:
     code = _report(archive, scan, differences(scan.manifest, scan.files))
     if code == 0:
         m = scan.manifest
-        print(f'ok: {archive}: {len(m["files"])} files match the manifest (model {m.get("model_name")}, '
-              f'checkpoint {m.get("checkpoint") or "output"}, created {m.get("created")})')
+        print(f'ok: {archive}: {len(m["files"])} files match the manifest (model {_plain(m.get("model_name"))}, '
+              f'checkpoint {_plain(m.get("checkpoint") or "output")}, created {_plain(m.get("created"))})')
     return code
 
 
@@ -141,6 +178,9 @@ def restore(archive: str, dest: str) -> Tuple[int, Optional[str]]:
     if scan.unsafe:
         name, why = scan.unsafe[0]
         raise BackupError(f'archive {archive}: refusing to restore: entry {name!r} is {why}')
+    if scan.bad_fields:
+        key, why = scan.bad_fields[0]
+        raise BackupError(f'archive {archive}: refusing to restore: {scan.top}/{MANIFEST} field {key}: {why}')
     code = _report(archive, scan, differences(scan.manifest, scan.files))
     if code:
         return code, None
@@ -152,7 +192,8 @@ def restore(archive: str, dest: str) -> Tuple[int, Optional[str]]:
         raise BackupError(f'{target} already exists: restore into another folder or remove it first')
     model_rel = scan.manifest.get('model_dir') or MODEL_DIR
     os.makedirs(dest, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f'.{scan.top}.', suffix='.partial', dir=dest)
+    sweep_stale(dest, RESTORE_STAGING, 'restore staging folders')  # of restores killed before they finished
+    staging = tempfile.mkdtemp(prefix=f'.{scan.top}.{writer_tag()}.', suffix='.partial', dir=dest)
     try:
         try:
             with tarfile.open(archive, 'r|*') as tar:
@@ -174,9 +215,13 @@ def restore(archive: str, dest: str) -> Tuple[int, Optional[str]]:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     model_dir = os.path.join(target, model_rel)
+    conf = os.path.join(target, scan.manifest['conf']) if scan.manifest.get('conf') else None
+    for path in filter(None, (model_dir, conf)):  # checked above; the paths printed are inside the target
+        if os.path.commonpath([os.path.realpath(path), os.path.realpath(target)]) != os.path.realpath(target):
+            raise BackupError(f'archive {archive}: {path} is outside {target}')
     logger.info('restored %s to %s', archive, target)
     print(f'restored {archive}: {len(scan.manifest["files"])} files match the manifest')
-    if scan.manifest.get('conf'):
-        print(f'conf: {os.path.join(target, scan.manifest["conf"])}')
+    if conf:
+        print(f'conf: {conf}')
     print(f'model dir: {model_dir}')
     return 0, model_dir

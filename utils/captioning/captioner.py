@@ -49,6 +49,9 @@ class Captioner:
         from utils.captioning.preprocessor import OfaPreprocessorForStylishIC
 
         if isinstance(model, str):
+            if os.path.isdir(model):  # a damaged model dir is refused (ModelDirError) before ModelScope loads it
+                from utils.core.checksums import check_model_dir
+                check_model_dir(model)
             kwargs = {'revision': revision} if revision else {}
             self.model = Model.from_pretrained(model, **kwargs)
         else:
@@ -102,7 +105,8 @@ def _collate(samples, pad_idx, eos_idx):
 
 
 def trained_model_dir(conf, model: Optional[str] = None) -> str:
-    """The model to caption with: ``model`` (a dir or hub id) or the trained ``{work_dir}/output``."""
+    """The model to caption with: ``model`` (a dir or hub id) or the trained ``{work_dir}/output``; a model dir whose
+    weights do not match their checksum is refused."""
     from utils.core.layout import OUTPUT_DIR
     from utils.core.errors import ModelDirError
     from utils.core.conf import is_local_model
@@ -115,6 +119,9 @@ def trained_model_dir(conf, model: Optional[str] = None) -> str:
         raise ModelDirError(f'model dir {model} does not exist')
     if is_local_model(model) and not os.path.isfile(os.path.join(model, 'configuration.json')):
         raise ModelDirError(f'model dir {model} has no configuration.json (not a ModelScope model dir)')
+    if os.path.isdir(model):  # weights that do not match their weights.sha256: refused, before any work
+        from utils.core.checksums import check_model_dir
+        check_model_dir(model)
     return model
 
 

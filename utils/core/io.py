@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
+import shutil
+import socket
 import time
+from typing import List
 
 from utils.core.errors import BadInput
+
+logger = logging.getLogger(__name__)
+STALE_AFTER_S = 3600  # a temporary of a writer not known to be gone is stale once unmodified this long
 
 
 def timestamp() -> str:
@@ -55,3 +63,56 @@ def read_json(path, what: str, error=BadInput):
         raise error(f'{what} {path} is not valid UTF-8 text') from None
     except IsADirectoryError:
         raise error(f'{what} {path} is a folder, not a file') from None
+
+
+# ---------------------------------------------------------------- temporaries of writers that may have died
+
+def writer_tag() -> str:
+    """``@{host}-{pid}`` of this process, for the name of a temporary that an unlocked writer (a backup's archive,
+    a restore's staging folder) leaves in a folder others may write to: :func:`sweep_stale` tells from it whether
+    its writer is gone."""
+    return f'@{re.sub(r"[^A-Za-z0-9_]+", "_", socket.gethostname()) or "host"}-{os.getpid()}'
+
+
+def _writer_gone(name: str) -> bool:
+    """True when the name's writer tag is this machine's and its pid is not running."""
+    tags = re.findall(r'@([A-Za-z0-9_]+)-(\d+)\.', name)
+    if not tags or '@' + tags[-1][0] != writer_tag().rsplit('-', 1)[0]:
+        return False  # no tag, or another machine's: only the age tells
+    try:
+        os.kill(int(tags[-1][1]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, ValueError):
+        pass
+    return False
+
+
+def sweep_stale(directory: str, pattern: str, what: str) -> List[str]:
+    """Remove the entries of ``directory`` whose name matches the regex ``pattern`` (temporaries of an interrupted
+    write) and that are stale: their writer's pid (in a :func:`writer_tag` in the name) is not running on this
+    machine, or they were not modified for ``STALE_AFTER_S`` (an hour: a writer streams into its temporary, so
+    a live one keeps it fresh). Logs and returns what it removed."""
+    removed = []
+    with contextlib.suppress(OSError):
+        names = os.listdir(directory)
+        for name in sorted(names):
+            if not re.fullmatch(pattern, name):
+                continue
+            path = os.path.join(directory, name)
+            try:
+                age = time.time() - os.lstat(path).st_mtime
+            except OSError:
+                continue
+            if not (_writer_gone(name) or age > STALE_AFTER_S):
+                continue
+            with contextlib.suppress(OSError):
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
+                removed.append(name)
+    if removed:
+        logger.info('removed %d stale %s left by an interrupted run in %s: %s', len(removed), what, directory,
+                    ', '.join(removed))
+    return removed

@@ -7,10 +7,13 @@ OUTPUT_DIR = 'output'                    # work_dir/output: the trained model (n
 BEST_DIR = 'output_best'                 # work_dir/output_best: the best validated model
 VAL_METRICS_FILE = 'val_metrics.jsonl'   # work_dir/val_metrics.jsonl: one line per validation
 LOCK_FILE = '.train.lock'                # work_dir/.train.lock: one training run per work_dir
+CHECKPOINT_CHECKSUM_SUFFIX = '.sha256'   # work_dir/iter_N.sha256: sha256 of iter_N.pth and iter_N_trainer_state.pth
 
 # a trained model dir
 STYLE_MAP_FILE = 'style_map.json'        # the style -> prompt token map the model was trained with
 CLASSIFIER_DIR = 'style_classifier'      # the style classifier of the train split (style accuracy)
+WEIGHTS_FILES = ('pytorch_model.bin', 'pytorch_model.pt')  # the weights file ModelScope loads from a model dir
+WEIGHTS_CHECKSUM_FILE = 'weights.sha256'  # sha256 of the weights file, written with it (utils/core/checksums.py)
 
 # data
 PERSONALITIES_FILE = 'personalities.txt'  # optional list of styles beside the PCap files

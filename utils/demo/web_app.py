@@ -1,5 +1,5 @@
 """The web demo's gradio app (``web_demo.py``): upload checks, sample images, the page, and serving it until
-Ctrl-C.
+Ctrl-C (or SIGTERM: web_demo.py raises SystemExit then, through the same ``finally`` blocks).
 
 It serves nothing but the uploads and what it shows: gradio keeps uploads and the sample copies in a private
 temporary folder (GRADIO_TEMP_DIR, :func:`private_folder`), removed when the app stops, and no other path is
@@ -154,10 +154,28 @@ def build_app(demo: Demo, model_name: str):
     return app
 
 
-def serve(app, host: str, port: int, max_bytes: int) -> None:
+class OneLineRequestErrors(logging.Filter):
+    """A request that fails inside the server (a malformed client request: a broken upload body, an unknown event
+    or session) is one log line naming the error, not uvicorn's "Exception in ASGI application" traceback; the
+    traceback is kept for ``--debug``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            e = record.exc_info[1]
+            record.msg, record.args = 'malformed request: %s: %s (the server goes on; --debug shows the traceback)', \
+                (type(e).__name__, first_line(e) or repr(e))
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def serve(app, host: str, port: int, max_bytes: int, debug: bool = False) -> None:
     """Serve the app until Ctrl-C, which is raised on (KeyboardInterrupt: the harness's exit code 130) once the
-    server is closed. (gradio's own blocking launch swallows Ctrl-C and returns as if the app had ended.)"""
+    server is closed. (gradio's own blocking launch swallows Ctrl-C and returns as if the app had ended.) Without
+    ``debug`` a failed request is one log line (:class:`OneLineRequestErrors`)."""
     import gradio as gr
+
+    if not debug:
+        logging.getLogger('uvicorn.error').addFilter(OneLineRequestErrors())
 
     app.queue(default_concurrency_limit=1).launch(
         server_name=host, server_port=port, max_file_size=max_bytes, ssr_mode=False, show_error=False, quiet=True,

@@ -11,6 +11,8 @@ patch naming what differs (see :func:`check_modelscope`), never a silent wrong r
 | decoder key/value cache | ``generation`` | the OFA ``SequenceGenerator`` drops the cache the decoder returns and re-decodes the whole prefix at every step |
 | vectorised no-repeat-n-gram blocker | ``generation`` | the stock blocker loops over every hypothesis in Python (and copies tokens to the host on a GPU) |
 | atomic checkpoints, ``output.partial``, pipeline/preprocessor type in the saved ``configuration.json`` | ``checkpoints`` | a kill mid-save left half-written files; ``CheckpointHook`` rewrites ``pipeline.type`` to the task at every save |
+| checksummed checkpoints and ``output/``; ``output/`` a copy, not a hard link | ``checkpoints`` | nothing recorded what a checkpoint held (a damaged one resumed silently); damage to the newest checkpoint was damage to ``output/`` |
+| ``max_checkpoint_num`` counted on disk (the hook's own pruning turned off) | ``checkpoints`` | ``CheckpointHook`` prunes only the files of its own run: resumes piled up checkpoints |
 | trainer-state loading allow-list | ``checkpoints`` | torch 2.11's ``weights_only=True`` refuses the numpy RNG state in ModelScope's trainer state: ``-p`` could not resume |
 | autocast on the forward the criterion runs | ``train_step`` | ModelScope's fp16 hook wraps ``OfaForAllTasks.forward``, which the OFA criterion never calls |
 | gradient averaging, buffer broadcast, ``set_epoch`` under torchrun | ``train_step`` | ``OFATrainer.train_step`` calls the model around DDP's forward: gradients were never all-reduced; no sampler reshuffle per epoch |
@@ -78,9 +80,13 @@ RELIES_ON: Dict[str, Dict[str, Callable[[], bool]]] = {
             _has('modelscope.models.multi_modal.ofa.modeling_ofa.OFADecoder', 'reorder_incremental_state_scripting'),
     },
     'checkpoints': {
-        'CheckpointProcessor.prepare_output, save_model_state, save_trainer_state, link':
+        'CheckpointProcessor.prepare_output, save_checkpoints, save_model_state, save_trainer_state, link, '
+        'remove_checkpoints':
             _has('modelscope.trainers.hooks.checkpoint.checkpoint_processor.CheckpointProcessor',
-                 'prepare_output', 'save_model_state', 'save_trainer_state', 'link'),
+                 'prepare_output', 'save_checkpoints', 'save_model_state', 'save_trainer_state', 'link',
+                 'remove_checkpoints'),
+        'CheckpointHook._remove_obsolete_checkpoints (pruning by its max_checkpoint_num, turned off)':
+            _has('modelscope.trainers.hooks.CheckpointHook', '_remove_obsolete_checkpoints'),
     },
     'console': {
         'modelscope.utils.logger.get_logger, returning the global "modelscope" logger':

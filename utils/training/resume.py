@@ -1,29 +1,17 @@
-"""Finding checkpoints (the newest readable one for ``-p latest``) and one training run per work_dir.
-Writing them so that a kill never leaves a half-written one: utils/patches/checkpoints.py."""
+"""Finding checkpoints: the newest readable, undamaged one for ``-p latest``. Writing them so that a kill never
+leaves a half-written one, with their checksums, and listing them: utils/patches/checkpoints.py."""
 from __future__ import annotations
 
 import logging
 import os
-import re
-from typing import List, Optional, Tuple
+from typing import Optional
 
+from utils.core.checksums import checkpoint_problem
 from utils.core.errors import CheckpointError
+from utils.patches.checkpoints import CKPT_NAME, TRAINER_STATE, checkpoints_in
 
 logger = logging.getLogger(__name__)
-CKPT_NAME = re.compile(r'^(iter|epoch)_(\d+)\.pth$')
-TRAINER_STATE = '_trainer_state.pth'
-
-
-def checkpoints_in(work_dir: str) -> List[Tuple[int, str]]:
-    """(number, prefix) of the complete CheckpointHook checkpoints in work_dir, newest first."""
-    found = []
-    if os.path.isdir(work_dir):
-        for name in os.listdir(work_dir):
-            m = CKPT_NAME.match(name)
-            prefix = os.path.join(work_dir, name[:-4])
-            if m and os.path.isfile(prefix + TRAINER_STATE):
-                found.append((os.path.getmtime(prefix + '.pth'), int(m[2]), prefix))
-    return [(n, prefix) for _, n, prefix in sorted(found, reverse=True)]
+__all__ = ['CKPT_NAME', 'TRAINER_STATE', 'checkpoints_in', 'readable', 'damage', 'resolve_checkpoint']
 
 
 def readable(prefix: str) -> Optional[str]:
@@ -43,19 +31,31 @@ def readable(prefix: str) -> Optional[str]:
     return None
 
 
+def damage(prefix: str) -> Optional[str]:
+    """None if the files of checkpoint prefix match its checksum file iter_N.sha256 (or it has none: older
+    checkpoints are accepted unverified), else what does not match. Reads both files once."""
+    return checkpoint_problem(prefix, TRAINER_STATE)
+
+
 def resolve_checkpoint(arg: Optional[str], work_dir: str) -> Optional[str]:
     """A checkpoint prefix (work_dir/iter_N) from a prefix, its .pth file, or "latest" (the newest
-    readable checkpoint in work_dir; unreadable newer ones are named and skipped)."""
+    readable checkpoint in work_dir that matches its checksum; unreadable or damaged newer ones are named and
+    skipped)."""
     if arg is None:
         return None
     if arg == 'latest':
         for _, prefix in checkpoints_in(work_dir):
             problem = readable(prefix)
-            if problem is None:
-                logger.info('newest readable checkpoint: %s', prefix)
-                return prefix
-            logger.warning('skipping unreadable checkpoint %s: %s', prefix, problem)
-        raise CheckpointError(f'-p latest: no readable checkpoint (iter_N.pth + iter_N_trainer_state.pth) in {work_dir}')
+            if problem is not None:
+                logger.warning('skipping unreadable checkpoint %s: %s', prefix, problem)
+                continue
+            problem = damage(prefix)
+            if problem is not None:
+                logger.warning('skipping damaged checkpoint %s: %s', prefix, problem)
+                continue
+            logger.info('newest readable checkpoint: %s', prefix)
+            return prefix
+        raise CheckpointError(f'-p latest: no readable, undamaged checkpoint (iter_N.pth + iter_N_trainer_state.pth) in {work_dir}')
     prefix = arg[:-4] if arg.endswith('.pth') else arg
     if not os.path.isfile(prefix + '.pth'):
         raise CheckpointError(f'checkpoint {arg}: {prefix}.pth does not exist')
@@ -65,4 +65,7 @@ def resolve_checkpoint(arg: Optional[str], work_dir: str) -> Optional[str]:
     problem = readable(prefix)
     if problem is not None:
         raise CheckpointError(f'checkpoint {arg} cannot be loaded: {problem}')
+    problem = damage(prefix)
+    if problem is not None:
+        raise CheckpointError(f'checkpoint {arg} is damaged: {problem}')
     return prefix
