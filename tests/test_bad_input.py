@@ -96,7 +96,7 @@ TRAIN_CASES = {
     'image too many pixels': (dict(train_json='big.json'), ('--strict',), 'row 1: image too large'),
     # checkpoints
     'checkpoint missing': ({}, ('-p', '/nonexistent/iter_5'), '/nonexistent/iter_5'),
-    'latest without checkpoints': ({}, ('-p', 'latest'), 'no readable checkpoint'),
+    'latest without checkpoints': ({}, ('-p', 'latest'), 'no readable, undamaged checkpoint'),
 }
 
 

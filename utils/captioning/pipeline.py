@@ -20,6 +20,7 @@ prompts differ in length; this one pads them as training does.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Dict, List, Optional, Union
 
 from modelscope.outputs import OutputKeys
@@ -29,9 +30,37 @@ from modelscope.utils.constant import Tasks
 from PIL import Image
 
 from utils.core.conf import GenerationConf
+from utils.core.conf import PRECISIONS
 from utils.core.layout import STYLISH_IC_PIPELINE
+from utils.data.images import ImageError, check_image, open_image
 
 GENERATION_KEYS = {'beam_size': 'beam_size', 'max_len_b': 'max_len', 'no_repeat_ngram_size': 'no_repeat_ngram_size'}
+
+
+def _check_kwargs(**kwargs) -> None:
+    """pipeline()'s keyword arguments checked like conf keys: a ValueError naming the argument."""
+    def bad(name, must, value):
+        raise ValueError(f'pipeline() argument {name} must be {must}, got {value!r}')
+
+    for name, low in (('beam_size', 1), ('max_len', 1), ('no_repeat_ngram_size', 0), ('patch_image_size', 16),
+                      ('max_image_size', 16)):
+        value = kwargs[name]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            bad(name, f'an integer of at least {low}' + (' (pixels)' if low == 16 else ''), value)
+    if kwargs['precision'] not in PRECISIONS:
+        bad('precision', 'one of ' + ', '.join(PRECISIONS), kwargs['precision'])
+    p, m = kwargs['patch_image_size'], kwargs['max_image_size']
+    if p is not None and m is not None and p > m:
+        bad('patch_image_size', f'at most max_image_size ({m})', p)
+    device = kwargs['device']
+    if not isinstance(device, str) or not re.fullmatch(r'(cpu|gpu|cuda)(:\d+)?', device):
+        bad('device', "'gpu', 'cpu', 'cuda' or 'cuda:N'", device)
+    if device.startswith(('cuda', 'gpu:')):
+        import torch
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.split(':')[1]) if ':' in device else 0
+        if index >= count:
+            bad('device', f'a CUDA device this machine has ({count} visible)', device)
 
 
 @PIPELINES.register_module(Tasks.image_captioning, module_name=STYLISH_IC_PIPELINE)
@@ -67,7 +96,17 @@ class StylishImageCaptioningPipeline(Pipeline):
         if preprocessor is not None:
             raise ValueError(f'the {STYLISH_IC_PIPELINE} pipeline builds its own preprocessor from the model dir '
                              '(its style_map.json): do not pass preprocessor=')
+        _check_kwargs(beam_size=beam_size, max_len=max_len, no_repeat_ngram_size=no_repeat_ngram_size,
+                      precision=precision, patch_image_size=patch_image_size, max_image_size=max_image_size,
+                      device=device)
         model_dir = model if isinstance(model, str) else model.model_dir
+        if isinstance(model_dir, str) and os.path.isdir(model_dir):
+            from utils.captioning.preprocessor import check_patch_image_size
+            from utils.core.errors import ConfError
+            try:
+                check_patch_image_size(model_dir, patch_image_size)
+            except ConfError as e:
+                raise ValueError(str(e).replace('conf key "patch_image_size"', 'pipeline() argument patch_image_size')) from None
         settings = {GENERATION_KEYS[k]: v for k, v in (read_config(model_dir).safe_get('model.beam_search') or {}).items()
                     if k in GENERATION_KEYS}
         settings.update({k: v for k, v in (('beam_size', beam_size), ('max_len', max_len),
@@ -108,9 +147,17 @@ class StylishImageCaptioningPipeline(Pipeline):
         if image is None:
             raise ValueError(f'{where}: needs "image" (a path, URL or PIL image)')
         if isinstance(image, str):
-            if not image.startswith(('http://', 'https://')) and not os.path.isfile(image):
+            if image.startswith(('http://', 'https://')):
+                image = open_image(image, where)  # downloaded once, within the toolkit's limits
+            elif not os.path.isfile(image):
                 raise ValueError(f'{where}: image file {image} does not exist')
-        elif not isinstance(image, Image.Image):
+            else:
+                problem = check_image(image)  # the loader's verdict, before any work
+                if problem:
+                    raise ImageError(f'{where}: {problem}: {image}', problem)
+        elif isinstance(image, Image.Image):
+            open_image(image, where)
+        else:
             raise ValueError(f'{where}: "image" must be a path, URL or PIL image, not {type(image).__name__}')
         if not isinstance(item['style'], str):
             raise ValueError(f'{where}: no style: give "style" (one of the model\'s {len(self.styles)} styles, '

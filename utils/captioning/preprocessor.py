@@ -20,8 +20,11 @@ from modelscope.preprocessors.ofa.image_captioning import OfaImageCaptioningPrep
 from modelscope.preprocessors.ofa.utils.constant import OFA_TASK_KEY_MAPPING
 from modelscope.utils.config import Config
 from modelscope.utils.constant import Fields, ModeKeys, ModelFile, Tasks
+from PIL import Image, ImageOps
 
 from utils.core.layout import STYLISH_IC_PREPROCESSOR
+from utils.core.conf_checks import check_patch_image_size, max_patch_image_size  # noqa: F401 (pipeline uses both)
+from utils.data.images import open_image
 from utils.data.styles import StyleMap
 
 COLUMNS = {'image': 'image', 'text': 'text', 'style': 'style'}  # the fields of a row (utils/data/rows.py)
@@ -66,6 +69,14 @@ class OfaStylishICPreprocessor(OfaImageCaptioningPreprocessor):
             raise ValueError(f'image cache of {cache.size} px for a {self.patch_image_size} px preprocessor')
         self.image_cache = cache
 
+    def get_img_pil(self, path_or_url_or_pil):
+        """The toolkit's image loader (utils/data/images.py: its limits on pixels, bytes and truncation, whatever
+        an imported module set globally) instead of ModelScope's ``load_image``."""
+        if isinstance(path_or_url_or_pil, Image.Image):
+            return open_image(path_or_url_or_pil)
+        with open_image(path_or_url_or_pil) as im:  # as ModelScope's load_image: EXIF orientation, then RGB
+            return ImageOps.exif_transpose(im).convert('RGB')
+
     def patch_image(self, image) -> torch.Tensor:
         pixels = self.image_cache.get(image) if self.image_cache is not None and isinstance(image, str) else None
         if pixels is None:
@@ -108,6 +119,7 @@ class OfaPreprocessorForStylishIC(OfaPreprocessor):
         for key, value in (model_cfg or {}).items():
             if value is not None:
                 self.cfg.model[key] = value
+        check_patch_image_size(model_dir, self.cfg.model.get('patch_image_size'))
         self.style_map = style_map if style_map is not None else StyleMap.load(model_dir)
         self.preprocess = OfaStylishICPreprocessor(self.cfg, model_dir, mode, style_map=self.style_map)
         self.keys = OFA_TASK_KEY_MAPPING[Tasks.image_captioning]

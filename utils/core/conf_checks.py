@@ -4,6 +4,7 @@ point gets its conf. Reads and checks; builds and writes nothing."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import string
 from pathlib import Path
@@ -114,6 +115,7 @@ def _check_files(conf: Conf, splits) -> None:
         if not os.path.isfile(os.path.join(m.model_name, 'configuration.json')):
             raise ConfError(f'conf key "model_name": {m.model_name} has no configuration.json '
                             '(not a ModelScope model dir)')
+        check_patch_image_size(m.model_name, m.patch_image_size)  # before any work (the trainer copies the model)
     if t.stage == 'scst' and m.is_local and not os.path.isfile(os.path.join(m.model_name, 'style_map.json')):
         raise ConfError(f'conf key "model_name": stage "scst" starts from a model this toolkit trained with cross-entropy '
                         f'(its output/ or output_best/ dir, with style_map.json); {m.model_name} has no style_map.json')
@@ -131,6 +133,27 @@ def _check_files(conf: Conf, splits) -> None:
         p = d.split_path(split)
         if not p.is_file():
             raise ConfError(f'conf key "{split}_json": file {p} does not exist')
+
+
+def max_patch_image_size(model_dir: str) -> Optional[int]:
+    """The largest ``patch_image_size`` the model's image position buckets allow (None: unknown): the image is cut
+    into patches of 16 px, and the patch grid's side must not exceed ``image_bucket_size`` of config.json
+    (``modeling_ofa.get_patch_images_info``: position ids row * image_bucket_size + col + 1 index an embedding of
+    image_bucket_size**2 + 1 rows)."""
+    try:
+        with open(os.path.join(model_dir, 'config.json'), encoding='utf-8') as f:
+            buckets = json.load(f).get('image_bucket_size')
+    except (OSError, ValueError):
+        return None
+    return 16 * buckets if isinstance(buckets, int) and buckets > 0 else None
+
+
+def check_patch_image_size(model_dir: str, size, key: str = 'patch_image_size') -> None:
+    """ConfError naming the conf key when ``size`` is beyond what the model's position buckets allow."""
+    limit = max_patch_image_size(model_dir)
+    if isinstance(size, int) and limit is not None and -(-size // 16) * 16 > limit:
+        raise ConfError(f'conf key "{key}" must be at most {limit} for the model in {model_dir} (its image_bucket_size '
+                        f'{limit // 16} x 16 px), got {size}')
 
 
 def _relative_hint(path: str) -> str:

@@ -24,13 +24,15 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from utils.data.images import open_image
+
 logger = logging.getLogger(__name__)
 VERSION = 1
 
 
 def load_resized(path: str, size: int) -> np.ndarray:
     """What ModelScope's caption transform does before ToTensor: RGB, bicubic resize to size x size."""
-    with Image.open(path) as im:
+    with open_image(path) as im:  # the toolkit's limits (utils/data/images.py)
         return np.asarray(im.convert('RGB').resize((size, size), Image.BICUBIC), dtype=np.uint8)
 
 

@@ -62,6 +62,14 @@ def _defines(path: str, attr: str) -> Callable[[], bool]:
     return check
 
 
+def _suffix_is(suffix: str) -> Callable[[], bool]:
+    """ModelScope names trainer-state files as utils/core/checkpoint_files.py (no ModelScope import) expects."""
+    def check() -> bool:
+        from modelscope.trainers.hooks.checkpoint.checkpoint_processor import CheckpointProcessor
+        return CheckpointProcessor.TRAINER_STATE_SUFFIX == suffix
+    return check
+
+
 def _modelscope_logger() -> logging.Logger:
     from modelscope.utils.logger import get_logger
     return get_logger()
@@ -87,6 +95,8 @@ RELIES_ON: Dict[str, Dict[str, Callable[[], bool]]] = {
                  'remove_checkpoints'),
         'CheckpointHook._remove_obsolete_checkpoints (pruning by its max_checkpoint_num, turned off)':
             _has('modelscope.trainers.hooks.CheckpointHook', '_remove_obsolete_checkpoints'),
+        'CheckpointProcessor.TRAINER_STATE_SUFFIX == "_trainer_state.pth" (utils/core/checkpoint_files.py)':
+            _suffix_is('_trainer_state.pth'),
     },
     'console': {
         'modelscope.utils.logger.get_logger, returning the global "modelscope" logger':

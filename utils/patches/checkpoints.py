@@ -16,40 +16,16 @@ import copy
 import errno
 import logging
 import os
-import re
 import shutil
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 from modelscope.trainers.hooks.checkpoint.checkpoint_processor import CheckpointProcessor
 
 from utils.core.checksums import (checkpoint_sums_file, copy_hashed, replacement_entries, sha256_of, write_sums)
+from utils.core.checkpoint_files import CKPT_NAME, TRAINER_STATE, checkpoints_in, remove_checkpoint  # noqa: F401
 from utils.core.layout import WEIGHTS_CHECKSUM_FILE
 
 logger = logging.getLogger(__name__)
-
-
-CKPT_NAME = re.compile(r'^(iter|epoch)_(\d+)\.pth$')
-TRAINER_STATE = CheckpointProcessor.TRAINER_STATE_SUFFIX  # iter_N_trainer_state.pth
-
-
-def checkpoints_in(work_dir: str) -> List[Tuple[int, str]]:
-    """(number, prefix) of the complete CheckpointHook checkpoints in work_dir, newest (last written) first."""
-    found = []
-    if os.path.isdir(work_dir):
-        for name in os.listdir(work_dir):
-            m = CKPT_NAME.match(name)
-            prefix = os.path.join(work_dir, name[:-4])
-            if m and os.path.isfile(prefix + TRAINER_STATE):
-                with contextlib.suppress(OSError):  # removed meanwhile
-                    found.append((os.path.getmtime(prefix + '.pth'), int(m[2]), prefix))
-    return [(n, prefix) for _, n, prefix in sorted(found, reverse=True)]
-
-
-def remove_checkpoint(prefix: str) -> None:
-    """Delete checkpoint prefix: its weights first (so it is no longer complete), its trainer state, its checksums."""
-    for path in (prefix + '.pth', prefix + TRAINER_STATE, checkpoint_sums_file(prefix)):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
 
 
 def prune_checkpoints(work_dir: str, keep: int, newest: str) -> List[str]:

@@ -8,7 +8,7 @@ from typing import Optional
 
 from utils.core.checksums import checkpoint_problem
 from utils.core.errors import CheckpointError
-from utils.patches.checkpoints import CKPT_NAME, TRAINER_STATE, checkpoints_in
+from utils.core.checkpoint_files import CKPT_NAME, TRAINER_STATE, checkpoints_in
 
 logger = logging.getLogger(__name__)
 __all__ = ['CKPT_NAME', 'TRAINER_STATE', 'checkpoints_in', 'readable', 'damage', 'resolve_checkpoint']
