@@ -233,7 +233,8 @@ def test_web_demo_sigterm_removes_its_folder_and_bad_requests_are_one_line(train
         except (OSError, ValueError, http.client.HTTPException):
             pass
         time.sleep(2)
-        new = log.read_text().splitlines()[before:]
+        # (the server's start-up line may land after `before` was taken, under load: it is not a request's)
+        new = [line for line in log.read_text().splitlines()[before:] if 'INFO web_demo: web demo on' not in line]
         assert 'Traceback' not in '\n'.join(new)
         assert len([line for line in new if 'malformed request' in line]) == 2, new
         assert len(new) == 2, new
