@@ -202,3 +202,20 @@ def random_output(trained, tiny_model, tmp_path_factory):
     from utils.core.checksums import write_weights_checksum
     write_weights_checksum(str(model_dir))  # the checksum of the weights it now holds
     return str(model_dir)
+
+
+def wait_for_web_demo(proc, url: str, log, timeout: float = 240) -> None:
+    """Wait until the web_demo.py process ``proc`` answers at url (its output in the file ``log``)."""
+    import time
+    import urllib.request
+    deadline = time.time() + timeout
+    while True:
+        assert proc.poll() is None, f'web_demo.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}'
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.time() < deadline, f'web_demo.py did not answer in time:\n{log.read_text()[-3000:]}'
+        time.sleep(1)

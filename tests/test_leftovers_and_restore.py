@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import wait_for_web_demo
+
 from utils import backup_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,17 +212,7 @@ def test_web_demo_sigterm_removes_its_folder_and_bad_requests_are_one_line(train
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, TMPDIR=str(tmp)))
     url = f'http://127.0.0.1:{port}'
     try:
-        deadline = time.time() + 240
-        while True:
-            assert proc.poll() is None, f'web_demo.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}'
-            try:
-                with urllib.request.urlopen(url, timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, f'web_demo.py did not answer in time:\n{log.read_text()[-3000:]}'
-            time.sleep(1)
+        wait_for_web_demo(proc, url, log)
         folders = list(tmp.glob('web_demo_*'))
         assert len(folders) == 1 and list(folders[0].rglob('sample*')), listing(tmp)
         before = log.read_text().count('\n')

@@ -7,8 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import pytest
 import finetune
 import pre_inference
 import web_demo
-from conftest import ROOT
+from conftest import ROOT, wait_for_web_demo
 from utils.core.errors import ConfError, UsageError
 from utils.demo.export import COLUMNS, export_demo_data
 
@@ -223,17 +221,7 @@ def test_ctrl_c_stops_the_web_demo_with_exit_code_130(trained, tmp_path):
         proc = subprocess.Popen([sys.executable, 'web_demo.py', '--conf', trained[0], '--port', str(port)],
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 240
-        while True:
-            assert proc.poll() is None, f'web_demo.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}'
-            try:
-                with urllib.request.urlopen(f'http://127.0.0.1:{port}', timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, f'web_demo.py did not answer in time:\n{log.read_text()[-3000:]}'
-            time.sleep(1)
+        wait_for_web_demo(proc, f'http://127.0.0.1:{port}', log)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 130, log.read_text()[-3000:]
     finally:

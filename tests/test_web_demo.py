@@ -8,12 +8,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from conftest import wait_for_web_demo
 from PIL import Image
 
 from utils.core.conf import GenerationConf
@@ -72,17 +73,7 @@ def app(trained, random_output, tmp_path_factory):
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     url = f'http://127.0.0.1:{port}'
     try:
-        deadline = time.time() + 240
-        while True:
-            assert proc.poll() is None, f'web_demo.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}'
-            try:
-                with urllib.request.urlopen(url, timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, f'web_demo.py did not answer in time:\n{log.read_text()[-3000:]}'
-            time.sleep(1)
+        wait_for_web_demo(proc, url, log)
         yield {'url': url, 'port': port, 'log': log}
     finally:
         proc.terminate()

@@ -88,6 +88,18 @@ def _writer_gone(name: str) -> bool:
     return False
 
 
+def remove_path(path: str) -> bool:
+    """Remove a file, link or folder tree; True when it is gone (False: it could not be removed)."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    except OSError:
+        return False
+    return True
+
+
 def sweep_stale(directory: str, pattern: str, what: str) -> List[str]:
     """Remove the entries of ``directory`` whose name matches the regex ``pattern`` (temporaries of an interrupted
     write) and that are stale: their writer's pid (in a :func:`writer_tag` in the name) is not running on this
@@ -106,11 +118,7 @@ def sweep_stale(directory: str, pattern: str, what: str) -> List[str]:
                 continue
             if not (_writer_gone(name) or age > STALE_AFTER_S):
                 continue
-            with contextlib.suppress(OSError):
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path)
-                else:
-                    os.remove(path)
+            if remove_path(path):
                 removed.append(name)
     if removed:
         logger.info('removed %d stale %s left by an interrupted run in %s: %s', len(removed), what, directory,

@@ -1,14 +1,13 @@
 """One training run per work_dir, and the sweep of what a killed run of it left behind."""
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
 import re
-import shutil
 from typing import List
 
+from utils.core.io import remove_path
 from utils.core.errors import WorkDirInUse
 from utils.core.layout import BEST_DIR, LOCK_FILE, OUTPUT_DIR
 
@@ -67,12 +66,7 @@ class WorkDirLock:
             found += [f'{OUTPUT_DIR}/{name}' for name in sorted(os.listdir(output)) if name.endswith('.tmp')]
         removed = []
         for rel in found:
-            path = os.path.join(work_dir, rel)
-            with contextlib.suppress(OSError):
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path)
-                else:
-                    os.remove(path)
+            if remove_path(os.path.join(work_dir, rel)):
                 removed.append(rel)
         if removed:
             logger.info('removed %d temporaries of an interrupted run from %s: %s', len(removed), work_dir,
