@@ -30,7 +30,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Dict, List, Optional, Union, get_args, get_origin, get_type_hints
 
 from utils.core.errors import ConfError
 from utils.core.io import read_json
@@ -39,6 +39,8 @@ DEFAULT_PROMPT = ' what does the image describe? write a {} reply.'
 PRECISIONS = ('fp32', 'bf16', 'fp16')
 STAGES = ('ce', 'scst')
 SCST_SEARCHES = ('beam', 'sample')
+# the parts of an OFA model that `freeze` names (utils.training.freeze says which parameters each holds)
+FREEZE_PARTS = ('image_backbone', 'encoder_embeddings', 'decoder_embeddings', 'encoder', 'decoder')
 VAL_METRICS = ('Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr', 'SPICE')
 HUB_ID = re.compile(r'^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$')
 
@@ -156,6 +158,20 @@ class TrainConf:
     stage: str = setting('ce', choices=STAGES,
                          help='"ce": cross-entropy on the references; "scst": self-critical training on a CIDEr-D '
                               'reward, from a CE model dir')
+    accumulate: int = setting(1, help='batches whose gradients are summed before one optimizer step (effective '
+                                      'batch: batch_size x accumulate x ranks); steps, not batches, drive the '
+                                      'schedule, logs, checkpoints and eval_interval')
+    freeze: List[str] = setting(choices=FREEZE_PARTS, factory=list,
+                                help='parts kept bit-identical: ' + ', '.join(FREEZE_PARTS) + '; the style '
+                                     "tokens' embedding rows stay trainable when tokenize_style is on")
+    ema: Optional[float] = setting(None, help='decay of an exponential moving average of the weights, e.g. 0.999 '
+                                              '(null: off); validation, output_best/ and output/ then hold the '
+                                              'averaged weights')
+    drop_worst_ratio: float = setting(0.0, help="fraction of each batch's worst-scoring samples left out of the "
+                                                'loss (noisy captions), after drop_worst_after steps')
+    drop_worst_after: int = setting(0, help='optimizer steps before drop_worst_ratio applies')
+    tensorboard: bool = setting(True, help='write TensorBoard event files to work_dir/tensorboard/ (loss, '
+                                           'learning rate, validation metrics, SCST reward)')
 
 
 @dataclass
@@ -176,6 +192,12 @@ class ScstConf:
     search: str = setting('beam', choices=SCST_SEARCHES,
                           help='"beam": the beam\'s hypotheses (OFA\'s recipe); "sample": independent samples')
     temperature: float = setting(1.0, help='sampling temperature ("sample" only)')
+    dropout: bool = setting(False, help="keep the model's dropout during SCST (OFA's stage 2 turns it off)")
+    freeze: List[str] = setting(choices=FREEZE_PARTS, factory=lambda: ['encoder_embeddings', 'decoder_embeddings'],
+                                help='parts frozen during SCST, beside `freeze` (OFA\'s stage 2: the embeddings; '
+                                     'style rows stay trainable)')
+    fresh_optimizer: bool = setting(True, help='a -p checkpoint of a CE run gives SCST its weights only: the '
+                                               'optimizer, schedule and step count start anew (OFA\'s stage 2)')
 
 
 @dataclass
@@ -183,6 +205,8 @@ class GenerationConf:
     beam_size: int = setting(5, help='beam width when captioning')
     max_len: int = setting(16, help='longest caption, in tokens, when captioning')
     no_repeat_ngram_size: int = setting(3, help='forbid repeating n-grams of this size when captioning (0: off)')
+    mask_image_tokens: bool = setting(True, help="never generate OFA's <code_k> image-code and <bin_k> location "
+                                                 'tokens (false: the stock search over the whole vocabulary)')
 
 
 @dataclass
@@ -243,6 +267,10 @@ def _type_name(tp) -> str:
 def check_type(key: str, value: Any, tp) -> Any:
     """Return value coerced to tp (int -> float only), or raise ConfError naming key."""
     origin = get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfError(f'conf key "{key}": expected a list, got {type(value).__name__} {value!r}')
+        return [check_type(f'{key}[{i}]', v, get_args(tp)[0]) for i, v in enumerate(value)]
     if origin is Union:  # Optional[X]
         args = [a for a in get_args(tp) if a is not type(None)]
         if value is None:

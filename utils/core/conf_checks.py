@@ -46,7 +46,8 @@ def _check_values(conf: Conf) -> None:
     for key, value in [('max_epochs', t.max_epochs), ('batch_size', r.batch_size), ('beam_size', g.beam_size),
                        ('max_len', g.max_len), ('log_interval', t.log_interval),
                        ('max_train_samples', t.max_train_samples), ('checkpoint.interval', t.checkpoint.interval),
-                       ('checkpoint.max_checkpoint_num', t.checkpoint.max_checkpoint_num)]:
+                       ('checkpoint.max_checkpoint_num', t.checkpoint.max_checkpoint_num),
+                       ('accumulate', t.accumulate)]:
         _at_least(key, value, 1)
     for key, value in [('eval_interval', v.eval_interval), ('val_max_samples', v.val_max_samples)]:
         if value is not None and value < 1:
@@ -58,8 +59,13 @@ def _check_values(conf: Conf) -> None:
         for f in dataclasses.fields(cls):
             choices = f.metadata.get('choices')
             value = getattr(getattr(conf, name), f.name)
-            if choices and value not in choices:
-                key = f'{name}.{f.name}' if name in NESTED_SECTIONS else f.name
+            key = f'{name}.{f.name}' if name in NESTED_SECTIONS else f.name
+            if choices and isinstance(value, list):
+                for i, item in enumerate(value):
+                    if item not in choices:
+                        raise ConfError(f'conf key "{key}" item {i}: must be one of {", ".join(choices)}, '
+                                        f'got {item!r}')
+            elif choices and value not in choices:
                 raise ConfError(f'conf key "{key}" must be one of {", ".join(choices)}, got {value!r}')
     if not 0 <= r.seed < 2 ** 32:
         raise ConfError(f'conf key "seed" must be in [0, 2**32), got {r.seed}')
@@ -71,6 +77,12 @@ def _check_values(conf: Conf) -> None:
         raise ConfError(f'conf key "weight_decay" must not be negative, got {t.weight_decay}')
     if not 0 <= t.label_smoothing < 1:
         raise ConfError(f'conf key "label_smoothing" must be in [0, 1), got {t.label_smoothing}')
+    if t.ema is not None and not 0 < t.ema < 1:
+        raise ConfError(f'conf key "ema" is a decay in (0, 1) (or null: off), got {t.ema}')
+    if not 0 <= t.drop_worst_ratio < 1:
+        raise ConfError(f'conf key "drop_worst_ratio" must be in [0, 1), got {t.drop_worst_ratio}')
+    if t.drop_worst_after < 0:
+        raise ConfError(f'conf key "drop_worst_after" must not be negative, got {t.drop_worst_after}')
     if v.best_metric == 'SPICE' and not v.val_spice:
         raise ConfError('conf key "best_metric" is SPICE but "val_spice" is false: SPICE is not computed')
     if s.candidates < 2:

@@ -48,7 +48,8 @@ def conf_flags() -> tuple:
                 continue
             base = next(a for a in get_args(tp) if a is not type(None)) if get_origin(tp) is Union else tp
             found.append(Flag(section, f.name, base, f.metadata['help'], f.metadata['flags'], f.metadata['choices'],
-                              f.metadata['seed'], f.metadata['caption_help'], f.default))
+                              f.metadata['seed'], f.metadata['caption_help'],
+                              f.default if f.default_factory is dataclasses.MISSING else f.default_factory()))
     return tuple(found)
 
 
@@ -76,6 +77,9 @@ def add_conf_flags(parser: argparse.ArgumentParser, command: str) -> None:
                   'help': f'{text} ({_shown_default(flag)})'.replace('%', '%%')}
         if flag.type is bool:
             kwargs['action'] = argparse.BooleanOptionalAction
+        elif get_origin(flag.type) is list:  # --freeze encoder_embeddings decoder_embeddings (none given: [])
+            kwargs.update(nargs='*', type=get_args(flag.type)[0], metavar='PART' if flag.choices else 'TEXT',
+                          choices=flag.choices)
         else:
             metavar = None if flag.choices else {int: 'N', float: 'X'}.get(flag.type, 'TEXT')
             kwargs.update(type=flag.type, metavar=metavar, choices=flag.choices)
