@@ -60,12 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------- train
 
-def read_data(conf: Conf, mode: str, n_samples: Optional[int] = None):
-    """The rows a run needs (train split, or test split for eval), read before anything is written."""
+def read_data(conf: Conf, mode: str, n_samples: Optional[int] = None, checks=None):
+    """The rows a run needs (train split, or test split for eval), read before anything is written. ``checks``
+    (utils/data/image_checks.py): the image verdicts remembered in work_dir; the run saves them once it may write."""
     from utils.data.rows import load_split
     if mode == 'train':
-        return load_split(conf, 'train', limit=conf.train.max_train_samples)
-    return load_split(conf, 'test', limit=n_samples)
+        return load_split(conf, 'train', limit=conf.train.max_train_samples, checks=checks)
+    return load_split(conf, 'test', limit=n_samples, checks=checks)
 
 
 def build_style_map(conf: Conf, rows: List[dict], checkpoint: Optional[str]):
@@ -129,10 +130,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             ensure_demo_assets(conf.model.model_name, conf.data.dataset_path, conf.data.img_addr, conf.model.patch_image_size or 64)
         validate(conf, splits=('train', 'val') if args.mode == 'train' else ('test',))
         checkpoint = resolve_checkpoint(args.checkpoint, conf.run.work_dir)
-        rows, stats = read_data(conf, args.mode, getattr(args, 'n_samples', None))
+        from utils.data.image_checks import ImageChecks
+        checks = ImageChecks(conf.run.work_dir)
+        rows, stats = read_data(conf, args.mode, getattr(args, 'n_samples', None), checks)
         style_map = build_style_map(conf, rows, checkpoint) if args.mode == 'train' else None
-        val_rows = load_val_rows(conf, style_map) if args.mode == 'train' else None
-        return conf, checkpoint, rows, stats, style_map, val_rows
+        val_rows = load_val_rows(conf, style_map, checks) if args.mode == 'train' else None
+        return conf, checkpoint, rows, stats, style_map, val_rows, checks
 
     if args.mode == 'train' and distributed.launched():
         distributed.init()
@@ -143,7 +146,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return prepared
     if distributed.is_main():
         distributed.barrier()
-    conf, checkpoint, rows, stats, style_map, val_rows = prepared
+    conf, checkpoint, rows, stats, style_map, val_rows, checks = prepared
 
     def run():
         main_rank = distributed.is_main()
@@ -152,6 +155,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             else contextlib.nullcontext()
         with lock, log:
             distributed.barrier()  # the other ranks start once rank 0 holds the work_dir
+            if main_rank:
+                checks.save()  # the image verdicts learnt while reading: the next run or resume skips them
             if args.mode == 'train':
                 from utils.training import train
                 sweep = lock.sweep if isinstance(lock, WorkDirLock) else lambda: None

@@ -15,12 +15,15 @@ HOOK_POINTS = [
      'generation'),
     ('modelscope.models.multi_modal.ofa.modeling_ofa', 'OFADecoder', 'reorder_incremental_state_scripting',
      'generation'),
+    ('modelscope.models.multi_modal.ofa.generate.sequence_generator', 'SequenceGenerator', '_generate', 'generation'),
+    ('modelscope.models.multi_modal.ofa.modeling_ofa', 'OFAEncoder', 'reorder_encoder_out', 'generation'),
     *[('modelscope.trainers.hooks.checkpoint.checkpoint_processor', 'CheckpointProcessor', attr, 'checkpoints')
       for attr in ('prepare_output', 'save_model_state', 'save_trainer_state', 'link')],
     *[('modelscope.trainers.hooks.optimizer.base', 'OptimizerProcessor', attr, 'train_step')
       for attr in ('backward', 'initialize_optimizer')],
     ('modelscope.trainers.multi_modal.ofa.ofa_trainer', 'OFATrainer', 'train_step', 'train_step'),
     ('modelscope.trainers.hooks.distributed.ddp_hook', 'DDPHook', 'wrap_module', 'train_step'),
+    ('modelscope.trainers.hooks.checkpoint.checkpoint_hook', 'CheckpointHook', '_create_training_state', 'train_step'),
 ]
 
 

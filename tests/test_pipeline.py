@@ -93,6 +93,19 @@ def test_generation_settings_equal_pre_inference(trained, output_dir, items, tmp
     assert all(len(c.split()) <= 4 for c in expected)
 
 
+def test_mask_image_tokens_is_on_by_default_and_off_as_pre_inferences_flag(trained, random_output, items, tmp_path):
+    """mask_image_tokens (the conf key, on by default): pipeline() takes it as an argument; off, its captions are
+    pre_inference.py --no-mask_image_tokens's; a value that is not a bool is refused naming the argument."""
+    from modelscope.pipelines import pipeline
+    assert pipeline('image-captioning', model=random_output).captioner.model.generator.mask_image_tokens
+    unmasked = pipeline('image-captioning', model=random_output, mask_image_tokens=False)
+    assert not unmasked.captioner.model.generator.mask_image_tokens
+    expected = pre_inference_captions(trained[0], items, tmp_path, '-m', random_output, '--no-mask_image_tokens')
+    assert [o['caption'] for o in unmasked(items, batch_size=2)] == expected
+    with pytest.raises(ValueError, match='pipeline\\(\\) argument mask_image_tokens must be True or False'):
+        pipeline('image-captioning', model=random_output, mask_image_tokens='yes')
+
+
 def test_pil_image_url_and_default_style(stylish_pipeline, items):
     sarcastic = stylish_pipeline(items[0])['caption']
     with Image.open(items[0]['image']) as img:

@@ -71,13 +71,25 @@ class Captioner:
     def set_generation(self, generation: GenerationConf) -> None:
         """A new sequence generator with these settings for the loaded model (the web demo's controls)."""
         from modelscope.models.multi_modal.ofa.generate import sequence_generator as sg
+        if getattr(self, '_mask_hook', None) is not None and not generation.mask_image_tokens:
+            self._mask_hook.remove()
+            self._mask_hook = None
         self.model.generator = sg.SequenceGenerator(
             tokenizer=self.model.tokenizer, beam_size=generation.beam_size, max_len_b=generation.max_len, min_len=1,
             no_repeat_ngram_size=generation.no_repeat_ngram_size)
-        if self.fast:  # the generator's key/value cache and a vectorised n-gram blocker: same captions, faster
+        if self.fast:  # the stock search without its wasted work (utils.patches.generation): same captions, faster
             from utils.patches.generation import speed_up
-            speed_up(self.model, self.model.generator)
+            speed_up(self.model, self.model.generator, mask_image_tokens=generation.mask_image_tokens)
+        elif generation.mask_image_tokens:  # the stock generator, image-token logits at -inf
+            self._mask_stock_generator()
         self.generation = generation
+
+    def _mask_stock_generator(self) -> None:
+        """fast=False with mask_image_tokens: the stock search over logits whose <code_k>/<bin_k> rows are -inf."""
+        from utils.patches.generation import image_token_ids, mask_rows_hook
+        if getattr(self, '_mask_hook', None) is None:
+            self._mask_hook = mask_rows_hook(self.model.model.decoder.output_projection,
+                                             image_token_ids(self.model.tokenizer))
 
     def caption(self, items: Sequence[dict], batch_size: int = 16, num_workers: int = 0,
                 progress: bool = True) -> List[str]:

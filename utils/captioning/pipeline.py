@@ -47,6 +47,8 @@ def _check_kwargs(**kwargs) -> None:
         value = kwargs[name]
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
             bad(name, f'an integer of at least {low}' + (' (pixels)' if low == 16 else ''), value)
+    if not isinstance(kwargs['mask_image_tokens'], bool):
+        bad('mask_image_tokens', 'True or False', kwargs['mask_image_tokens'])
     if kwargs['precision'] not in PRECISIONS:
         bad('precision', 'one of ' + ', '.join(PRECISIONS), kwargs['precision'])
     p, m = kwargs['patch_image_size'], kwargs['max_image_size']
@@ -80,13 +82,15 @@ class StylishImageCaptioningPipeline(Pipeline):
             or a loaded ``OfaForAllTasks``.
         beam_size, max_len, no_repeat_ngram_size: generation settings; default: the model's
             ``configuration.json`` ``model.beam_search`` (what training's conf set), else the Captioner's.
+        mask_image_tokens: never generate OFA's ``<code_k>`` / ``<bin_k>`` tokens (default True, as the conf key).
         precision: ``fp32``, or ``bf16`` / ``fp16`` autocast.
         patch_image_size, max_image_size: replace the model's (default: the model's).
         device: ``gpu`` (CUDA where there is one, else the CPU), ``cpu``, ``cuda:1``, ...
     """
 
     def __init__(self, model, preprocessor=None, device: str = 'gpu', *, beam_size: Optional[int] = None,
-                 max_len: Optional[int] = None, no_repeat_ngram_size: Optional[int] = None, precision: str = 'fp32',
+                 max_len: Optional[int] = None, no_repeat_ngram_size: Optional[int] = None,
+                 mask_image_tokens: bool = True, precision: str = 'fp32',
                  patch_image_size: Optional[int] = None, max_image_size: Optional[int] = None, **kwargs):
         from modelscope.utils.device import create_device
         from modelscope.utils.hub import read_config
@@ -97,7 +101,7 @@ class StylishImageCaptioningPipeline(Pipeline):
             raise ValueError(f'the {STYLISH_IC_PIPELINE} pipeline builds its own preprocessor from the model dir '
                              '(its style_map.json): do not pass preprocessor=')
         _check_kwargs(beam_size=beam_size, max_len=max_len, no_repeat_ngram_size=no_repeat_ngram_size,
-                      precision=precision, patch_image_size=patch_image_size, max_image_size=max_image_size,
+                      mask_image_tokens=mask_image_tokens, precision=precision, patch_image_size=patch_image_size, max_image_size=max_image_size,
                       device=device)
         model_dir = model if isinstance(model, str) else model.model_dir
         if isinstance(model_dir, str) and os.path.isdir(model_dir):
@@ -111,6 +115,7 @@ class StylishImageCaptioningPipeline(Pipeline):
                     if k in GENERATION_KEYS}
         settings.update({k: v for k, v in (('beam_size', beam_size), ('max_len', max_len),
                                            ('no_repeat_ngram_size', no_repeat_ngram_size)) if v is not None})
+        settings['mask_image_tokens'] = mask_image_tokens
         self.captioner = Captioner(model, GenerationConf(**settings), precision=precision,
                                    device=str(create_device(device)),
                                    model_cfg={'patch_image_size': patch_image_size, 'max_image_size': max_image_size})

@@ -83,6 +83,10 @@ def _check_values(conf: Conf) -> None:
         raise ConfError(f'conf key "drop_worst_ratio" must be in [0, 1), got {t.drop_worst_ratio}')
     if t.drop_worst_after < 0:
         raise ConfError(f'conf key "drop_worst_after" must not be negative, got {t.drop_worst_after}')
+    for key, parts in [('freeze', t.freeze), ('scst.freeze', t.freeze + s.freeze if t.stage == 'scst' else [])]:
+        if {'encoder', 'decoder'} <= set(parts) and not m.tokenize_style:  # an OFA model is its encoder and decoder
+            raise ConfError(f'conf key "{key}": {", ".join(dict.fromkeys(parts))} leave no parameter to train '
+                            '(tokenize_style false: no style rows)')
     if v.best_metric == 'SPICE' and not v.val_spice:
         raise ConfError('conf key "best_metric" is SPICE but "val_spice" is false: SPICE is not computed')
     if s.candidates < 2:

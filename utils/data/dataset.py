@@ -1,13 +1,49 @@
-"""The train dataset handed to OFATrainer: PCap rows through the stylish preprocessor, robust to bad images."""
+"""The train dataset handed to OFATrainer: PCap rows through the stylish preprocessor, robust to bad images.
+
+The rows are held packed (:class:`PackedRows`: each row pickled into one shared bytes buffer, with an int64
+array of offsets), not as a list of dicts: a DataLoader worker forked from the trainer reads them without
+writing to the pages that hold them, so the rows are not copied into every worker. A list of dicts would be:
+reading a dict writes its reference count, and a full garbage collection writes to every container, so each
+worker ends up with its own copy of all the pages they sit on (about 150 MB at Personality-Captions' 186k rows).
+For the same reason a worker freezes the objects it inherited out of the garbage collector's reach
+(``gc.freeze``) at its first sample: the rows the trainer still holds as dicts stay shared too."""
 from __future__ import annotations
 
+import gc
 import logging
+import os
+import pickle
 from typing import List
 
+import numpy as np
 from modelscope.msdatasets.dataset_cls.custom_datasets import TorchCustomDataset
 
 logger = logging.getLogger(__name__)
 MAX_SUBSTITUTES = 100
+
+
+class PackedRows:
+    """A read-only sequence of rows (dicts) in one bytes buffer: ``rows[i]`` is a new dict equal to the i-th row
+    given (same keys, order and values). Building it pickles each row once (about 3 s per million rows on one core)."""
+
+    def __init__(self, rows: List[dict]):
+        pickled = [pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in rows]
+        self.offsets = np.zeros(len(pickled) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, pickled), dtype=np.int64, count=len(pickled)), out=self.offsets[1:])
+        self.buffer = b''.join(pickled)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> dict:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f'row {i} of {len(self)}')
+        i %= len(self)
+        return pickle.loads(self.buffer[self.offsets[i]:self.offsets[i + 1]])
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.buffer) + self.offsets.nbytes
 
 
 class StylishCaptionDataset(TorchCustomDataset):
@@ -16,11 +52,16 @@ class StylishCaptionDataset(TorchCustomDataset):
     one bad file never kills a long run."""
 
     def __init__(self, rows: List[dict], preprocessor, mode: str = 'train', with_ids: bool = False):
-        super().__init__([rows], mode=mode, preprocessor=preprocessor)  # a list of one dataset: used as is
+        packed = rows if isinstance(rows, PackedRows) else PackedRows(rows)
+        super().__init__([packed], mode=mode, preprocessor=preprocessor)  # a list of one dataset: used as is
         self.failed = 0
         self.with_ids = with_ids  # samples carry "id", the index of their row (ModelScope's collate keeps it)
+        self._pid = os.getpid()
 
     def __getitem__(self, index):
+        if self._pid != os.getpid():  # the first sample of a forked DataLoader worker
+            self._pid = os.getpid()
+            gc.freeze()  # what it inherited: never walked by its collector, so those pages stay shared
         for k in range(MAX_SUBSTITUTES):
             i = (index + k) % len(self)
             row = self._inner_dataset[i]

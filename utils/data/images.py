@@ -19,6 +19,8 @@ from PIL import Image, ImageFile, PngImagePlugin
 MAX_PIXELS = 50_000_000  # larger images (decompression bombs, panoramas) are refused
 MAX_BYTES = 200_000_000  # larger image files are refused
 MAX_TEXT_CHUNK = 1 << 20  # a PNG text chunk that inflates beyond this (a text bomb) makes the file unreadable
+CHECK_VERSION = 1  # of check_image's verdicts: change it when check_image accepts or refuses otherwise (the
+# verdicts remembered in work_dir, utils/data/image_checks.py, are then checked again)
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 
 _lock = threading.Lock()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
@@ -20,12 +19,12 @@ from tqdm import tqdm
 from utils.core.conf import Columns
 from utils.core.errors import DataError, first_line, raise_system_failure
 from utils.core.layout import DATA_SUFFIXES, PERSONALITIES_FILE
-from utils.data.images import check_image, image_path
+from utils.data.image_checks import ImageChecks
+from utils.data.images import image_path
 from utils.core.io import read_json
 
 logger = logging.getLogger(__name__)
 
-PROGRESS_FROM = 2000  # image checks show a progress bar from this many images on
 PROGRESS_ROWS = 50_000  # reading shows a progress bar from this many rows on
 
 
@@ -179,10 +178,12 @@ def write_rows(path, rows: List[dict]) -> Path:
 
 
 def read_split(path, img_addr: str, file_attr: str, split: str, *, columns: Optional[Columns] = None,
-               strict: bool = False, check_images: bool = True, limit: Optional[int] = None
-               ) -> Tuple[List[dict], SplitStats]:
+               strict: bool = False, check_images: bool = True, limit: Optional[int] = None,
+               checks: Optional[ImageChecks] = None) -> Tuple[List[dict], SplitStats]:
     """Read one split: a PCap JSON list, or a CSV / JSON lines / parquet file whose columns ``columns`` maps
-    (default: the PCap names). Returns the usable rows and the counts of what was skipped."""
+    (default: the PCap names). Returns the usable rows and the counts of what was skipped. ``checks``: the image
+    verdicts remembered from earlier runs (:class:`~utils.data.image_checks.ImageChecks`; default: none, every
+    image is checked)."""
     path = Path(path)
     columns = columns or Columns()
     if path.suffix.lower() in TABULAR:
@@ -205,11 +206,9 @@ def read_split(path, img_addr: str, file_attr: str, split: str, *, columns: Opti
         reasons.append(reason)
 
     if check_images:
+        checks = checks or ImageChecks(None)
         paths = sorted({r['image'] for r in rows if r is not None})
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            checked = tqdm(pool.map(check_image, paths), total=len(paths), desc=f'checking {split} images',
-                           unit='img', disable=len(paths) < PROGRESS_FROM)
-            bad = {p: reason for p, reason in zip(paths, checked) if reason}
+        bad = {p: reason for p, reason in checks.verdicts(paths, desc=f'checking {split} images').items() if reason}
         for j, row in enumerate(rows):
             if row is not None and row['image'] in bad:
                 reasons[j] = bad[row['image']]
@@ -249,9 +248,11 @@ def read_styles(dataset_path: str, rows: List[dict]) -> List[str]:
     return listed + extra
 
 
-def load_split(conf, split: str, *, limit: Optional[int] = None, check_images: bool = True
-               ) -> Tuple[List[dict], SplitStats]:
+def load_split(conf, split: str, *, limit: Optional[int] = None, check_images: bool = True,
+               checks: Optional[ImageChecks] = None) -> Tuple[List[dict], SplitStats]:
     """The rows of one split of a conf (``train``, ``val`` or ``test``): ``[{"style", "text", "image",
-    "references", "row"}]`` and the counts of what was skipped. The one way every entry point reads data."""
+    "references", "row"}]`` and the counts of what was skipped. The one way every entry point reads data.
+    ``checks``: image verdicts remembered in work_dir (``ImageChecks(conf.run.work_dir)``; its ``save()`` is the
+    caller's, once writing to work_dir is allowed)."""
     return read_split(conf.data.split_path(split), conf.data.img_addr, conf.data.file_attr, split, columns=conf.data.columns,
-                      strict=conf.data.strict, check_images=check_images, limit=limit)
+                      strict=conf.data.strict, check_images=check_images, limit=limit, checks=checks)

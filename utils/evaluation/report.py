@@ -2,9 +2,10 @@
 thumbnails and curves are embedded as base64 data URIs). Every text from the data is HTML-escaped.
 
 The page: the run (model, checkpoint, settings, style-blind or not), the caption metrics table, the style
-accuracy of the generated captions next to its ceiling (the human references) and chance, the training
-curves of the work_dir, and a sample of rows (image, requested style, generated caption, references,
-predicted style).
+accuracy of the generated captions next to its ceiling (the human references) and chance, the styles the
+model has learnt best and worst and the pairs of styles it confuses most (:mod:`utils.evaluation.per_style`),
+the training curves of the work_dir, and a sample of rows (image, requested style, generated caption,
+references, predicted style).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from typing import List, Optional
 logger = logging.getLogger(__name__)
 
 SAMPLE_ROWS = 48       # rows shown, spread evenly over the predictions
+STYLES_SHOWN = 10      # best and worst styles shown (all of them when there are at most twice as many)
+PAIRS_SHOWN = 15       # most confused (requested -> predicted) pairs shown
 THUMBNAIL_PX = 160     # longest side of an embedded thumbnail
 
 _CSS = """
@@ -31,6 +34,9 @@ table{border-collapse:collapse} td,th{padding:4px 10px;text-align:left;vertical-
 .bar span{display:block;height:100%;border-radius:3px}
 .hit{color:#1a7f37;font-weight:600} .miss{color:#c0392b;font-weight:600}
 .curves img{max-width:100%;border:1px solid #eee;margin:6px 0} ul{margin:0;padding-left:18px}
+.styles td:nth-child(n+2),.pairs td:nth-child(n+3){text-align:right;font-variant-numeric:tabular-nums}
+.styles .bar{width:100px} .styles td,.styles th{padding:3px 7px}
+.cols{display:flex;gap:28px;flex-wrap:wrap} .cols h3{font-size:1em;margin:8px 0}
 """
 
 
@@ -90,6 +96,48 @@ def _style_section(metrics: dict) -> str:
             f'<p class="meta">{_e(metrics.get("style_status"))}</p>')
 
 
+def _styles_table(entries) -> str:
+    from utils.evaluation.per_style import CIDER_KEY
+    rows = ''.join(
+        f'<tr><td>{_e(name)}</td><td>{_e(e.get("rows"))}</td>'
+        f'<td>{_bar(e.get("style_accuracy_top1"), "#2e86de")}</td><td>{_e(_pct(e.get("style_accuracy_top1")))}</td>'
+        f'<td>{_e(_pct(e.get("reference_style_accuracy_top1")))}</td><td>{_e(_pct(e.get(CIDER_KEY)))}</td></tr>'
+        for name, e in entries)
+    return ('<table class="styles"><tr><th>style</th><th>rows</th><th>style accuracy top-1</th><th>%</th>'
+            f'<th>ceiling %</th><th>CIDEr</th></tr>{rows}</table>')
+
+
+def _per_style_section(metrics: dict) -> str:
+    """The best and worst styles (top-1 style accuracy, then CIDEr) and the most confused pairs."""
+    from utils.evaluation.per_style import ranked_styles
+    per_style = metrics.get('per_style')
+    if not per_style:
+        return '<p class="meta">no per-style figures in this result</p>'
+    ranked = ranked_styles(per_style)
+    note = (f'<p class="meta">{_e(len(ranked))} styles, ranked by the top-1 style accuracy of their generated '
+            'captions, then by CIDEr. Ceiling: the top-1 style accuracy of their human references. CIDEr: the mean '
+            'of the captions\' own CIDEr-D (x100), document frequencies from all the scored rows.</p>')
+    if len(ranked) <= 2 * STYLES_SHOWN:
+        tables = f'<div class="cols"><div id="all-styles"><h3>every style, best first</h3>{_styles_table(ranked)}</div></div>'
+    else:
+        tables = (f'<div class="cols"><div id="worst-styles"><h3>the {STYLES_SHOWN} styles learnt least</h3>'
+                  f'{_styles_table(ranked[::-1][:STYLES_SHOWN])}</div>'
+                  f'<div id="best-styles"><h3>the {STYLES_SHOWN} styles learnt best</h3>'
+                  f'{_styles_table(ranked[:STYLES_SHOWN])}</div></div>')
+    pairs = metrics.get('style_confusions')
+    if pairs is None:
+        confused = f'<p class="meta">{_e(metrics.get("style_status") or "no style classifier: no confusions")}</p>'
+    elif not pairs:
+        confused = '<p class="meta">no confusions: every caption was taken for its requested style</p>'
+    else:
+        rows = ''.join(f'<tr><td>{_e(p["target"])}</td><td>&rarr; {_e(p["predicted"])}</td><td>{_e(p["count"])}</td>'
+                       f'<td>{_e(_pct(p.get("share")))}</td></tr>' for p in pairs[:PAIRS_SHOWN])
+        confused = ('<table class="pairs" id="confused-pairs"><tr><th>requested style</th><th>taken for</th>'
+                    f'<th>captions</th><th>% of the style\'s rows</th></tr>{rows}</table>')
+    return (f'{note}{tables}<h3>Most confused pairs</h3><p class="meta">requested style &rarr; the classifier\'s '
+            f'first guess, where they differ; the {min(len(pairs or []), PAIRS_SHOWN)} most frequent</p>{confused}')
+
+
 def _curves_section(work_dir: str) -> str:
     from utils.evaluation.curves import current_curves
     imgs = []
@@ -147,6 +195,7 @@ def render(result: dict, work_dir: str) -> str:
 <p class="meta">Share of captions whose requested style a text classifier (trained on the train split's captions)
 ranks first (top-1) or among its first five (top-5). The human references of the same rows are the ceiling;
 chance is guessing uniformly among the styles.</p>{_style_section(metrics)}
+<h2>Per style</h2>{_per_style_section(metrics)}
 <h2>Training curves</h2>{_curves_section(work_dir)}
 <h2>Sample of rows ({shown} of {len(predictions)})</h2>{_rows_section(predictions)}
 </body></html>

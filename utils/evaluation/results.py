@@ -11,6 +11,7 @@ from typing import Optional
 
 from utils.core.errors import ResultFileError, raise_system_failure
 from utils.core.io import read_json
+from utils.evaluation.per_style import per_style_figures
 from utils.evaluation.scoring import score
 
 logger = logging.getLogger(__name__)
@@ -74,14 +75,15 @@ def load_inference(path: str, data=None) -> tuple[list[str], list[list[str]], li
 
 def style_metrics(data: dict, path: str, predictions: list[str], references: list[list[str]],
                   styles: list[Optional[str]], conf=None, model_dir: Optional[str] = None
-                  ) -> tuple[dict, list[Optional[str]]]:
-    """The style figures of a file's scored rows (see utils.evaluation.style_classifier) and the predicted style of each
-    scored row (None where a row has no "style"). The classifier: with ``conf`` (a Conf), the one of that
+                  ) -> tuple[dict, list[Optional[str]], Optional[tuple]]:
+    """The style figures of a file's scored rows (see utils.evaluation.style_classifier), the predicted style of each
+    scored row (None where a row has no "style") and the classifier's verdicts on the rows with a style
+    (:func:`~utils.evaluation.style_classifier.judge`; None without a classifier). The classifier: with ``conf`` (a Conf), the one of that
     conf's train split (cached in its work_dir, and kept in ``model_dir`` when given); otherwise the copy kept
     in ``style_classifier/`` of the model dir the file names ("model" or "model_name"), or of ``output/``
     beside the file (a work_dir's default model)."""
     from utils.core.layout import OUTPUT_DIR
-    from utils.evaluation.style_classifier import classifier_for_conf, find_carried_classifier, style_figures
+    from utils.evaluation.style_classifier import classifier_for_conf, find_carried_classifier, judge, style_figures
 
     if conf is not None:
         classifier, status = classifier_for_conf(conf, model_dir)
@@ -93,18 +95,20 @@ def style_metrics(data: dict, path: str, predictions: list[str], references: lis
     if classifier is not None and len(keep) < len(styles):
         logger.warning('%s: %d scored rows have no "style"; style accuracy covers the other %d',
                        path, len(styles) - len(keep), len(keep))
-    figures, predicted = style_figures(classifier, [styles[i] for i in keep], [predictions[i] for i in keep],
-                                       [references[i] for i in keep], status)
+    rows = ([styles[i] for i in keep], [predictions[i] for i in keep], [references[i] for i in keep])
+    verdicts = judge(classifier, *rows) if classifier is not None else None
+    figures, predicted = style_figures(classifier, *rows, status, verdicts=verdicts)
     per_row: list[Optional[str]] = [None] * len(styles)
     for i, p in zip(keep, predicted):
         per_row[i] = p
-    return figures, per_row
+    return figures, per_row, verdicts
 
 
 def score_file(path: str, conf=None, spice: Optional[bool] = None, model_dir: Optional[str] = None,
                data=None) -> dict:
     """Score a result file (``inference_*.json`` or ``eval_*.json``: the same schema) the one way the toolkit
-    scores: pycocoevalcap's metrics of every row with a reference, and the style figures. ``data``: the
+    scores: pycocoevalcap's metrics of every row with a reference, the style figures, and both per requested
+    style (:mod:`utils.evaluation.per_style`: ``per_style``, ``style_confusions``). ``data``: the
     file's content when the caller has it (the file is then not read again). Returns
     ``{"metrics", "n_scored", "n_skipped", "predicted_styles"}`` (the last: one per results row, None for a
     row that was not scored). Raises ResultFileError for a malformed file."""
@@ -113,10 +117,14 @@ def score_file(path: str, conf=None, spice: Optional[bool] = None, model_dir: Op
     skipped = len(rows) - len(kept)
     if skipped:
         logger.warning('%s: skipped %d of %d rows that have no reference', path, skipped, len(rows))
-    metrics = score(predictions, references, spice=spice)
+    metrics = score(predictions, references, spice=spice, cider_per_caption=True)
+    cider = metrics.pop('CIDEr_per_caption')
     styles = [rows[i].get('style') if isinstance(rows[i].get('style'), str) else None for i in kept]
-    figures, predicted = style_metrics(data, path, predictions, references, styles, conf, model_dir)
+    figures, predicted, verdicts = style_metrics(data, path, predictions, references, styles, conf, model_dir)
     metrics.update(figures)
+    styled = [i for i, s in enumerate(styles) if s is not None]  # the rows the verdicts are of
+    metrics.update(per_style_figures([styles[i] for i in styled], [cider[i] for i in styled],
+                                     *(verdicts if verdicts is not None else (None, None))))
     per_row: list[Optional[str]] = [None] * len(rows)
     for i, p in zip(kept, predicted):
         per_row[i] = p

@@ -218,18 +218,19 @@ def _stop_meteor(meteor: Meteor) -> None:
     meteor.meteor_p.wait()
 
 
-def _standard_scores(gts: dict, res: dict, meteor: Meteor) -> dict:
-    """BLEU-1..4, ROUGE-L, CIDEr and METEOR, each scorer called once over all samples."""
+def _standard_scores(gts: dict, res: dict, meteor: Meteor) -> tuple[dict, list[float]]:
+    """(BLEU-1..4, ROUGE-L, CIDEr and METEOR, each scorer called once over all samples; each sample's own
+    CIDEr-D from the same Cider call, whose mean is the corpus CIDEr)."""
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)  # verbose=1 (the default) prints to stdout
     scores = dict(zip(BLEU_NAMES, bleu))
     scores['ROUGE_L'], _ = Rouge().compute_score(gts, res)
-    scores['CIDEr'], _ = Cider().compute_score(gts, res)
+    scores['CIDEr'], per_caption = Cider().compute_score(gts, res)
     scores['METEOR'], _ = meteor.compute_score(gts, res)
-    return {name: float(value) for name, value in scores.items()}
+    return {name: float(value) for name, value in scores.items()}, [float(v) for v in per_caption]
 
 
 def score(predictions: list[str], references: list[list[str]], spice: Optional[bool] = None,
-          meteor: Optional[Meteor] = None) -> dict:
+          meteor: Optional[Meteor] = None, cider_per_caption: bool = False) -> dict:
     """Score one prediction per sample against all of that sample's references.
 
     Args:
@@ -241,6 +242,9 @@ def score(predictions: list[str], references: list[list[str]], spice: Optional[b
         meteor: a running METEOR scorer to use (and leave running), e.g. one kept for all the
             validations of a training run: its Java process takes ~10 s to start. None: one is
             started and stopped for this call.
+        cider_per_caption: also return ``"CIDEr_per_caption"``, each sample's own CIDEr-D from the
+            same pycocoevalcap call (document frequencies from all the samples' references; their mean
+            is ``CIDEr``), for the per-style figures (:mod:`utils.evaluation.per_style`).
 
     Returns:
         ``{"Bleu_1": .., "Bleu_2": .., "Bleu_3": .., "Bleu_4": .., "METEOR": .., "ROUGE_L": ..,
@@ -259,8 +263,10 @@ def score(predictions: list[str], references: list[list[str]], spice: Optional[b
     running = contextlib.nullcontext(meteor) if meteor is not None else _meteor_scorer()
     with running as meteor:  # METEOR loads in the background while the rest runs
         gts, res = tokenize(predictions, references)
-        values = _standard_scores(gts, res, meteor)
+        values, per_caption = _standard_scores(gts, res, meteor)
     values['SPICE'], spice_status = _spice_score(gts, res, spice)
     result = {name: values[name] for name in METRIC_NAMES}
     result.update(n_samples=n, spice_status=spice_status)
+    if cider_per_caption:
+        result['CIDEr_per_caption'] = per_caption
     return result

@@ -299,23 +299,46 @@ def find_carried_classifier(candidates: Iterable[Optional[str]]) -> Tuple[Option
 
 # -------------------------------------------------------------------- the figures
 
-def style_figures(clf: Optional[StyleClassifier], styles: Sequence[str], captions: Sequence[str],
-                  references: Sequence[Sequence[str]], status: str = '') -> Tuple[dict, List[Optional[str]]]:
-    """(metrics dict with FIGURE_KEYS and ``style_status``, the predicted style of each caption).
+def reference_hits(clf: StyleClassifier, styles: Sequence[str], references: Sequence[Sequence[str]]
+                   ) -> List[Tuple[int, int, int]]:
+    """For each row: (its references the classifier ranks first for the row's style, ... among its first five,
+    its number of references)."""
+    ref_texts = [t for refs in references for t in refs]
+    ranked = clf.top_k(ref_texts, 5) if ref_texts else []
+    out, start = [], 0
+    for style, refs in zip(styles, references):
+        mine = ranked[start:start + len(refs)]
+        start += len(refs)
+        out.append((sum(r[0] == style for r in mine), sum(style in r for r in mine), len(refs)))
+    return out
 
-    Generated captions are judged against their row's requested style; every reference of a row against
-    that row's style. Without a classifier every figure is None (never a silent 0)."""
-    if clf is None:
-        return {**{k: None for k in FIGURE_KEYS}, 'style_status': status}, [None] * len(captions)
+
+def judge(clf: StyleClassifier, styles: Sequence[str], captions: Sequence[str], references: Sequence[Sequence[str]],
+          ref_hits: Optional[List[Tuple[int, int, int]]] = None) -> Tuple[List[List[str]], List[Tuple[int, int, int]]]:
+    """The classifier's verdicts on each row: (its five first guesses for the generated caption, best first;
+    :func:`reference_hits`). ``ref_hits``: the rows' reference verdicts when already known (they do not change
+    between two validations)."""
     unknown = sorted(set(styles) - set(clf.styles))
     if unknown:
         logger.warning('%d requested style(s) never seen in the train split count as misses: %s',
                        len(unknown), ', '.join(unknown[:5]))
-    ranked = clf.top_k(captions, 5)
+    return clf.top_k(captions, 5), ref_hits if ref_hits is not None else reference_hits(clf, styles, references)
+
+
+def style_figures(clf: Optional[StyleClassifier], styles: Sequence[str], captions: Sequence[str],
+                  references: Sequence[Sequence[str]], status: str = '', verdicts=None
+                  ) -> Tuple[dict, List[Optional[str]]]:
+    """(metrics dict with FIGURE_KEYS and ``style_status``, the predicted style of each caption).
+
+    Generated captions are judged against their row's requested style; every reference of a row against
+    that row's style. Without a classifier every figure is None (never a silent 0). ``verdicts``: what
+    :func:`judge` returned for these rows, when the caller has it."""
+    if clf is None:
+        return {**{k: None for k in FIGURE_KEYS}, 'style_status': status}, [None] * len(captions)
+    ranked, ref_hits = verdicts if verdicts is not None else judge(clf, styles, captions, references)
     gen = {k: float(np.mean([s in r[:k] for s, r in zip(styles, ranked)])) if captions else None for k in (1, 5)}
-    ref_texts = [t for refs in references for t in refs]
-    ref_styles = [s for s, refs in zip(styles, references) for _ in refs]
-    ref = clf.accuracy(ref_texts, ref_styles) if ref_texts else {1: None, 5: None}
+    n_refs = sum(h[2] for h in ref_hits)
+    ref = {k: sum(h[i] for h in ref_hits) / n_refs if n_refs else None for i, k in ((0, 1), (1, 5))}
     figures = {
         'style_accuracy_top1': gen[1], 'style_accuracy_top5': gen[5],
         'reference_style_accuracy_top1': ref[1], 'reference_style_accuracy_top5': ref[5],

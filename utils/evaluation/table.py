@@ -19,7 +19,27 @@ def format_table(metrics: dict) -> str:
     if metrics.get('SPICE', 0) is None and metrics.get('spice_status'):
         lines.append(metrics['spice_status'])
     lines += _style_lines(metrics)
+    lines += _weakest_styles(metrics)
     return '\n'.join(lines)
+
+
+WEAKEST_SHOWN = 5
+
+
+def weakest_styles_text(per_style: dict, k: int = WEAKEST_SHOWN) -> str:
+    """The k styles learnt least (top-1 style accuracy, then CIDEr): "Anxious 12.5% (CIDEr 3.1), ..."."""
+    from utils.evaluation.per_style import CIDER_KEY, ranked_styles
+    pct = lambda v: 'n/a' if v is None else f'{100 * v:.1f}'  # noqa: E731
+    worst = ranked_styles(per_style)[::-1][:k]
+    return ', '.join(f'{name} {pct(e.get("style_accuracy_top1"))}% (CIDEr {pct(e.get(CIDER_KEY))})' for name, e in worst)
+
+
+def _weakest_styles(metrics: dict) -> list[str]:
+    per_style = metrics.get('per_style')
+    if not per_style or len(per_style) < 2:
+        return []
+    return [f'styles learnt least (top-1 style accuracy, CIDEr x100; all {len(per_style)} in the JSON\'s per_style):',
+            '  ' + weakest_styles_text(per_style)]
 
 
 def _style_lines(metrics: dict) -> list[str]:

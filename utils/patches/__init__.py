@@ -9,6 +9,8 @@ patch naming what differs (see :func:`check_modelscope`), never a silent wrong r
 |---|---|---|
 | hub check skipped for local model dirs | ``hub_check`` | ``EpochBasedTrainer.__init__`` asks the hub whether a *local* dir is the latest version: ~20 s of retries offline |
 | decoder key/value cache | ``generation`` | the OFA ``SequenceGenerator`` drops the cache the decoder returns and re-decodes the whole prefix at every step |
+| cross-attention keys/values once per image, one reorder a step, position biases for the new position only | ``generation`` | the stock search reorders the whole cache (cross-attention and encoder output included, the same for every beam of an image) at every step, twice |
+| ``<code_k>``/``<bin_k>`` rows sliced off the output projection (``mask_image_tokens``) | ``generation`` | an undertrained or pretrain model emits image-code tokens as words (``code7477 code7477``) |
 | vectorised no-repeat-n-gram blocker | ``generation`` | the stock blocker loops over every hypothesis in Python (and copies tokens to the host on a GPU) |
 | atomic checkpoints, ``output.partial``, pipeline/preprocessor type in the saved ``configuration.json`` | ``checkpoints`` | a kill mid-save left half-written files; ``CheckpointHook`` rewrites ``pipeline.type`` to the task at every save |
 | checksummed checkpoints and ``output/``; ``output/`` a copy, not a hard link | ``checkpoints`` | nothing recorded what a checkpoint held (a damaged one resumed silently); damage to the newest checkpoint was damage to ``output/`` |
@@ -86,6 +88,11 @@ RELIES_ON: Dict[str, Dict[str, Callable[[], bool]]] = {
             _has('modelscope.models.multi_modal.ofa.generate.ngram_repeat_block.NGramRepeatBlock', '_no_repeat_ngram'),
         'OFA decoder reorder_incremental_state_scripting':
             _has('modelscope.models.multi_modal.ofa.modeling_ofa.OFADecoder', 'reorder_incremental_state_scripting'),
+        'SequenceGenerator._generate (run with a stand-in model: vocab_size, encoder.forward, '
+        'reorder_encoder_out, decoder.forward, get_normalized_probs, padding_idx)':
+            _has('modelscope.models.multi_modal.ofa.generate.sequence_generator.SequenceGenerator', '_generate'),
+        'OFAEncoder.reorder_encoder_out':
+            _has('modelscope.models.multi_modal.ofa.modeling_ofa.OFAEncoder', 'reorder_encoder_out'),
     },
     'checkpoints': {
         'CheckpointProcessor.prepare_output, save_checkpoints, save_model_state, save_trainer_state, link, '
@@ -112,6 +119,8 @@ RELIES_ON: Dict[str, Dict[str, Callable[[], bool]]] = {
             _defines('modelscope.trainers.multi_modal.ofa.ofa_trainer.OFATrainer', 'train_step'),
         'DDPHook.wrap_module':
             _has('modelscope.trainers.hooks.distributed.ddp_hook.DDPHook', 'wrap_module'),
+        'CheckpointHook._create_training_state, saving each hook\'s state_dict (EMA, the stage: utils/training)':
+            _has('modelscope.trainers.hooks.CheckpointHook', '_create_training_state'),
     },
 }
 

@@ -6,6 +6,8 @@
   one was damage to both); a fresh ``output/`` is assembled in ``output.partial``; ``max_checkpoint_num`` counts
   the checkpoints on disk (ModelScope's hook forgets earlier runs' files); the saved ``configuration.json`` names
   the toolkit's pipeline and preprocessor (ModelScope rewrites ``pipeline.type`` to the task at every save).
+  A trainer with an ``output_weights()`` that gives a context (``ema``: the averaged weights,
+  utils/training/recipe_trainer.py) has those weights in ``output/``; ``iter_N.pth`` keeps the trained ones.
 * :func:`trainer_state_loading`: ModelScope's trainer state holds numpy RNG state, which torch 2.11's
   default ``weights_only=True`` refuses; the numpy types it needs are allow-listed.
 """
@@ -79,6 +81,7 @@ class AtomicCheckpointProcessor(CheckpointProcessor):
         CheckpointProcessor.copy_files_and_dump_config(trainer, output_dir, config, bin_file)
 
     def save_checkpoints(self, trainer, checkpoint_path_prefix, output_dir, meta=None, save_optimizers=True):
+        self.trainer = trainer
         super().save_checkpoints(trainer, checkpoint_path_prefix, output_dir, meta, save_optimizers)
         self.sha256.clear()
         if self.max_checkpoint_num is not None:
@@ -112,7 +115,23 @@ class AtomicCheckpointProcessor(CheckpointProcessor):
         os.replace(tmp, model_file)
 
     def link(self, model, src_file, output_dir):
-        """output/'s weights: a copy of src_file, swapped in with one rename, never missing or half-copied."""
+        """output/'s weights: a copy of src_file (or of the trainer's ``output_weights()``), swapped in with one
+        rename, never missing or half-copied."""
+        swap = getattr(getattr(self, 'trainer', None), 'output_weights', lambda: None)()
+        if swap is None:
+            return self._link(model, src_file, output_dir)
+        # the weights output/ holds, written beside the checkpoint (a *.pth.tmp: swept if a kill leaves it), copied
+        other = os.path.splitext(src_file)[0] + '_output.pth.tmp'
+        try:
+            with swap:
+                CheckpointProcessor.save_model_state(self, model, other)
+            self.sha256[other] = sha256_of(other)
+            self._link(model, other, output_dir)
+        finally:
+            if os.path.lexists(other):
+                os.unlink(other)
+
+    def _link(self, model, src_file, output_dir):
         if self.staging:
             partial, output_dir = self.staging
             self._copy(model, src_file, partial)
@@ -173,6 +192,8 @@ def trainer_state_loading():
     import torch
     from numpy._core.multiarray import _reconstruct
 
-    allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    # re-entrant: torch's safe_globals removes its globals on exit, even those an enclosing block still needs
+    already = torch.serialization.get_safe_globals()
+    allowed = [g for g in (_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))) if g not in already]
     with torch.serialization.safe_globals(allowed):
         yield

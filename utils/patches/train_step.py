@@ -38,25 +38,45 @@ class TrainStepHook(Hook):
     """Installs :class:`TrainStepProcessor` on the OptimizerHook, which ``trainer.train()`` registers
     just before it calls every hook's ``register_processor``."""
 
-    def __init__(self, precision: str = 'fp32'):
-        self.precision = precision
+    def __init__(self, precision: str = 'fp32', accumulate: int = 1, before_step=(), after_step=()):
+        self.precision, self.accumulate = precision, accumulate
+        self.before_step, self.after_step = list(before_step), list(after_step)
 
     def register_processor(self, trainer):
         for hook in trainer.get_hook(OptimizerHook):
-            hook.set_processor(TrainStepProcessor(self.precision))
+            processor = TrainStepProcessor(self.precision, self.accumulate, self.before_step, self.after_step)
+            processor.loss_keys = hook.loss_keys
+            hook.set_processor(processor)
+            trainer.step_processor = processor  # micro-batches: utils.training.recipe_trainer.RecipeTrainer
 
 
 class TrainStepProcessor(OptimizerProcessor):
     """ModelScope's OptimizerProcessor (backward, clip, step, zero_grad every ``cumulative_iters``), with
     autocast in ``precision`` (bf16 or fp16; fp16 with a gradient scaler) and, under torchrun, the
-    gradients averaged over the ranks before clipping and the step."""
+    gradients averaged over the ranks before clipping and the step.
 
-    def __init__(self, precision: str = 'fp32'):
-        self.precision = precision
+    ``accumulate`` > 1: an iteration is one optimizer step over several micro-batches (the trainer calls
+    :meth:`add_micro_batch` after each but the last, whose backward is :meth:`backward`'s). Each micro-batch's
+    loss is backpropagated times its criterion's sample size (ModelScope's cross-entropy is a mean over the
+    batch's target tokens, SCST's over its candidates) and the summed gradients are divided by the window's
+    total: the step is the one a single batch of all the micro-batches' samples gives.
+
+    ``before_step`` callables run once the gradients are final (averaged, unscaled), before clipping and the step;
+    ``after_step`` callables after the step (``utils.training.freeze``: the frozen rows of the token matrix)."""
+
+    loss_keys = ('loss',)
+
+    def __init__(self, precision: str = 'fp32', accumulate: int = 1, before_step=(), after_step=()):
+        self.precision, self.accumulate = precision, accumulate
+        self.before_step, self.after_step = list(before_step), list(after_step)
         self.scaler = None
+        self.sample_size = None  # of the criterion's last call
+        self.window = 0.0  # sample sizes of the micro-batches backpropagated since the last step
 
     def initialize_optimizer(self, trainer):
         trainer.optimizer.zero_grad()
+        if self.accumulate > 1:
+            trainer.criterion.register_forward_hook(self._record_sample_size)
         if self.precision == 'fp32':
             return
         inner = trainer.unwrap_module(trainer.model).model  # the OFAModel the criterion calls
@@ -65,16 +85,36 @@ class TrainStepProcessor(OptimizerProcessor):
         if self.precision == 'fp16':
             self.scaler = torch.amp.GradScaler(device)
 
-    def backward(self, trainer, loss_keys, cumulative_iters, grad_clip):
-        for k in loss_keys:
-            trainer.train_outputs[k] /= cumulative_iters
-            loss = trainer.train_outputs[k]
+    def _record_sample_size(self, criterion, args, output):
+        self.sample_size = output[1]
+
+    def add_micro_batch(self, trainer, loss_keys=None):
+        """Backpropagate the micro-batch just run (``trainer.train_outputs``), weighted by its sample size."""
+        size = float(self.sample_size)
+        for k in loss_keys or self.loss_keys:
+            loss = trainer.train_outputs[k] * size
             (self.scaler.scale(loss) if self.scaler else loss).backward()
+        self.window += size
+
+    def backward(self, trainer, loss_keys, cumulative_iters, grad_clip):
+        if self.accumulate > 1:
+            self.add_micro_batch(trainer, loss_keys)
+            grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+            if grads and self.window > 0:
+                torch._foreach_div_(grads, self.window)
+            self.window = 0.0
+        else:
+            for k in loss_keys:
+                trainer.train_outputs[k] /= cumulative_iters
+                loss = trainer.train_outputs[k]
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
         if not Hook.every_n_iters(trainer, cumulative_iters):
             return
         average_gradients(trainer.model)  # before unscaling: an inf on any rank reaches every rank's check
         if self.scaler:
             self.scaler.unscale_(trainer.optimizer)
+        for callback in self.before_step:
+            callback()
         if grad_clip is not None:
             self.clip_grads(trainer.model.parameters(), **grad_clip)
         if self.scaler:
@@ -83,6 +123,8 @@ class TrainStepProcessor(OptimizerProcessor):
         else:
             trainer.optimizer.step()
         trainer.optimizer.zero_grad()
+        for callback in self.after_step:
+            callback()
         broadcast_buffers(trainer.model)
 
 

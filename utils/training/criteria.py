@@ -1,6 +1,13 @@
 """Training criteria. ``OFATrainer.train_step`` calls ``trainer.criterion(model, batch)`` and backpropagates the
 loss it returns, so a stage swaps the criterion: cross-entropy is ModelScope's own
-``AdjustLabelSmoothedCrossEntropyCriterion`` (built by OFATrainer from the cfg), SCST is :class:`ScstCriterion`.
+``AdjustLabelSmoothedCrossEntropyCriterion`` (:func:`cross_entropy`: from the cfg OFATrainer built it from, told
+the optimizer steps done), SCST is :class:`ScstCriterion`.
+
+ModelScope's cross-entropy returns the mean over the batch's target tokens (``sentence_avg`` false: the summed
+token losses divided by the sample size, the number of target tokens, after ``drop_worst_ratio`` dropped the
+worst-scoring ones once more than ``drop_worst_after`` optimizer steps are done). OFATrainer calls it without
+``update_num`` (always 0: ``drop_worst_after`` never counted); :func:`cross_entropy`'s criterion reads it from its
+``steps``, which ``utils.training.recipe_trainer.RecipeTrainer`` sets before each step.
 
 SCST (self-critical sequence training, OFA's caption stage 2, ``criterions/scst_loss.py``) for each sample:
 
@@ -57,6 +64,20 @@ def sequence_logprobs(model, net_input: Dict[str, torch.Tensor], candidates: Lis
     lprobs = F.log_softmax(out.logits.float(), dim=-1)
     token_lp = lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     return (token_lp * target.ne(pad)).sum(dim=1)
+
+
+def cross_entropy(criterion_cfg):
+    """ModelScope's label-smoothed cross-entropy criterion from the trainer's ``cfg.train.criterion`` (OFATrainer put
+    the tokenizer in it), whose ``update_num`` is its ``steps`` attribute when the caller passes none."""
+    from modelscope.trainers.multi_modal.ofa.ofa_trainer_utils import AdjustLabelSmoothedCrossEntropyCriterion
+
+    class StepCountingCrossEntropy(AdjustLabelSmoothedCrossEntropyCriterion):
+        steps = 0
+
+        def forward(self, model, sample, update_num=None, reduce=True):
+            return super().forward(model, sample, self.steps if update_num is None else update_num, reduce)
+
+    return StepCountingCrossEntropy(criterion_cfg)
 
 
 class ScstCriterion(torch.nn.Module):

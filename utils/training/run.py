@@ -24,9 +24,15 @@ def train(conf: Conf, checkpoint: Optional[str], stamp: str, rows: List[dict], s
 
     model_dir = assembly.model_dir_of(conf)
     trainer = assembly.build_trainer(conf, rows, style_map, model_dir)
+    tensorboard = None
+    if conf.train.tensorboard and distributed.is_main():  # rank 0 writes the event files
+        from utils.training.tensorboard import TensorboardHook, log_dir
+        # one iteration is one optimizer step, accumulate included (recipe_trainer): points are per step
+        tensorboard = TensorboardHook(log_dir(conf.run.work_dir, stamp), log_interval=conf.train.log_interval)
+        trainer.register_hook(tensorboard)
     validation = None
     if val_rows and (conf.validation.eval_interval or conf.validation.eval_every_epoch):
-        validation = ValidationHook(conf, val_rows, style_map, resuming=checkpoint is not None)
+        validation = ValidationHook(conf, val_rows, style_map, resuming=checkpoint is not None, tensorboard=tensorboard)
         trainer.register_hook(validation)
     try:
         with trainer_state_loading():
@@ -34,11 +40,15 @@ def train(conf: Conf, checkpoint: Optional[str], stamp: str, rows: List[dict], s
     finally:
         if validation is not None:
             validation.close()
+        if tensorboard is not None:
+            tensorboard.close()
         detach_file_logs(conf.run.work_dir)
     output = os.path.join(conf.run.work_dir, OUTPUT_DIR)
     summary = {'mode': 'train', 'time': stamp, 'checkpoint': checkpoint, 'output': output,
                'conf': conf.to_dict(), 'data': {'train': stats.to_dict()}, 'styles': len(style_map.tokens),
                'iterations': trainer.iter}
+    if tensorboard is not None:
+        summary['tensorboard'] = tensorboard.directory
     if validation is not None and validation.best.value is not None:
         summary['best'] = {'metric': conf.validation.best_metric, 'value': validation.best.value,
                            'iteration': validation.best.iteration, 'output': validation.best.dir}

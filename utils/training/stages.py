@@ -3,11 +3,16 @@
 A stage says what the train dataset yields and which criterion the trainer runs; trainer assembly,
 checkpoints, validation and the best checkpoint are the same for every stage.
 
-* ``ce``: cross-entropy on the references (ModelScope's label-smoothed criterion, built by OFATrainer).
+* ``ce``: cross-entropy on the references (ModelScope's label-smoothed criterion, as OFATrainer builds it, told
+  the optimizer steps done for ``drop_worst_after``: :func:`utils.training.criteria.cross_entropy`); the parts
+  ``freeze`` names are frozen.
 * ``scst``: self-critical sequence training on a CIDEr-D reward (:class:`utils.training.criteria.ScstCriterion`),
   started from a model dir this toolkit trained with ``ce`` (``model_name``: its ``output/`` or
   ``output_best/``). The samples carry their row's index (``id``, which ModelScope's OFA collate passes
   through as ``batch['id']``), by which the criterion finds the train references of the sample's image and style.
+  As OFA's stage 2 by default: dropout off (``scst.dropout``), the embeddings frozen beside ``freeze``
+  (``scst.freeze``; the style rows train), a fresh optimizer for a ``-p`` CE checkpoint (``scst.fresh_optimizer``,
+  :mod:`utils.training.recipe_trainer`).
 """
 from __future__ import annotations
 
@@ -28,9 +33,17 @@ class Stage:
     def install(self, trainer, conf, rows: List[dict]) -> None:
         """Adapt a built trainer to the stage (its criterion)."""
 
+    def freeze(self, conf) -> List[str]:
+        """The parts frozen in this stage."""
+        return list(conf.train.freeze)
+
 
 class CrossEntropy(Stage):
     name = 'ce'
+
+    def install(self, trainer, conf, rows):
+        from utils.training.criteria import cross_entropy
+        trainer.criterion = cross_entropy(trainer.criterion.args)
 
 
 class Scst(Stage):
@@ -38,6 +51,9 @@ class Scst(Stage):
 
     def dataset(self, rows, preprocessor):
         return StylishCaptionDataset(rows, preprocessor, with_ids=True)
+
+    def freeze(self, conf):
+        return list(dict.fromkeys([*conf.train.freeze, *conf.scst.freeze]))
 
     def install(self, trainer, conf, rows):
         from utils.patches.generation import speed_up
@@ -51,11 +67,14 @@ class Scst(Stage):
         cider = CiderD.cached(conf.run.work_dir, list(groups.values()))
         model = trainer.unwrap_module(trainer.model)
         criterion = ScstCriterion(conf, model.tokenizer, [groups[(r['image'], r['style'])] for r in rows], cider)
-        speed_up(model, criterion.generator)  # candidates: the decoder's key/value cache, the vectorised blocker
+        speed_up(model, criterion.generator, mask_image_tokens=conf.generation.mask_image_tokens)  # candidates: the decoder's key/value cache, the vectorised blocker
         criterion.log_buffer = trainer.log_buffer
         trainer.criterion = criterion
         logger.info('SCST: %d candidates per sample (%s), CIDEr-D reward against %d reference sets', conf.scst.candidates,
                     conf.scst.search, len(groups))
+        if not conf.scst.dropout:
+            from utils.training.freeze import dropout_off
+            logger.info('SCST: dropout off (%d dropout layers of the model set to 0; scst.dropout)', dropout_off(model))
 
 
 STAGES = {stage.name: stage for stage in (CrossEntropy(), Scst())}

@@ -6,12 +6,17 @@ the trainer's live model: the conf's beam settings and precision, nothing reload
 captions with pycocoevalcap (:func:`utils.evaluation.scoring.score`; SPICE only with ``val_spice``), logs the figures and
 appends one line to ``work_dir/val_metrics.jsonl``::
 
-    {"iteration": 120, "epoch": 3, "metrics": {"CIDEr": .., "Bleu_4": .., "METEOR": .., "ROUGE_L": .., ...},
-     "seconds": 4.2, "best": true}
+    {"iteration": 120, "epoch": 3, "metrics": {"CIDEr": .., "Bleu_4": .., "METEOR": .., "ROUGE_L": .., ...,
+     "style_accuracy_top1": .., "style_accuracy_top5": ..}, "seconds": 4.2, "best": true,
+     "per_style": {"Happy": {"rows": 12, "CIDEr_mean_of_captions": .., "style_accuracy_top1": .., ...}, ...},
+     "per_style_note": "...", "style_confusions": [{"target": "Happy", "predicted": "Sweet", "count": 3, ...}]}
 
 ``iteration`` counts the training iterations done, ``epoch`` is the (1-based) epoch the validation ran in,
 ``seconds`` the time the validation took. When ``best_metric`` improves, :class:`~utils.training.best.BestModel`
-replaces ``work_dir/output_best``.
+replaces ``work_dir/output_best``. The style figures come from the style classifier of the train split (the one
+``finetune.py eval`` uses, :mod:`utils.evaluation.style_classifier`, trained once and cached in work_dir); the
+per-style ones are :mod:`utils.evaluation.per_style`'s. With TensorBoard on, the ``metrics`` also go to
+``val/{name}`` (:mod:`utils.training.tensorboard`).
 
 Under torchrun each rank captions its own shard of the val rows (rows ``rank::world_size``); rank 0 gathers
 the captions back into the original order, scores them and writes; the other ranks wait for it.
@@ -33,15 +38,16 @@ from utils.core.layout import VAL_METRICS_FILE
 from utils.evaluation.curves import draw_curves  # never raises: a plot never stops a run
 
 logger = logging.getLogger(__name__)
-LOGGED = ('CIDEr', 'Bleu_4', 'METEOR', 'ROUGE_L')  # the figures of the log line
+LOGGED = ('CIDEr', 'Bleu_4', 'METEOR', 'ROUGE_L', 'style_accuracy_top1')  # the figures of the log line
 
 
-def load_val_rows(conf, style_map) -> List[dict]:
+def load_val_rows(conf, style_map, checks=None) -> List[dict]:
     """The val rows validation captions (the first ``val_max_samples``), read before training starts. Rows of
-    a style the model is not trained with cannot be captioned: they are skipped, counted and named."""
+    a style the model is not trained with cannot be captioned: they are skipped, counted and named. ``checks``:
+    the image verdicts remembered in work_dir (utils/data/image_checks.py), as for the train rows."""
     from utils.data.rows import load_split
 
-    rows, _ = load_split(conf, 'val', limit=conf.validation.val_max_samples)
+    rows, _ = load_split(conf, 'val', limit=conf.validation.val_max_samples, checks=checks)
     known = [r for r in rows if r['style'] in style_map.tokens]
     if len(known) < len(rows):
         unknown = sorted({r['style'] for r in rows} - set(style_map.tokens))
@@ -111,7 +117,7 @@ class ValidationHook(Hook):
 
     PRIORITY = Priority.LOWEST
 
-    def __init__(self, conf, rows: List[dict], style_map, resuming: bool):
+    def __init__(self, conf, rows: List[dict], style_map, resuming: bool, tensorboard=None):
         from utils.training.best import BestModel
 
         self.conf, self.rows = conf, rows
@@ -121,6 +127,8 @@ class ValidationHook(Hook):
         self.last_validated = None  # iteration of the last validation (an epoch end may coincide with the interval)
         self.path = os.path.join(conf.run.work_dir, VAL_METRICS_FILE)
         self.meteor = None  # rank 0's METEOR process, kept for all the validations of the run
+        self.tensorboard = tensorboard  # a utils.training.tensorboard.TensorboardHook (rank 0), or None
+        self.style_judge = None  # rank 0: (classifier or None, status, the val references' verdicts), made once
 
     def before_run(self, trainer):
         if not distributed.is_main():
@@ -161,7 +169,9 @@ class ValidationHook(Hook):
         self.last_validated = iteration
         start = time.perf_counter()
         mine = shard(self.rows)
-        captions = self.captioner.caption(trainer, [{'style': r['style'], 'image': r['image']} for r in mine])
+        from utils.training.ema import averaged_weights  # ema: the averaged weights are validated and kept as best
+        with averaged_weights(trainer):
+            captions = self.captioner.caption(trainer, [{'style': r['style'], 'image': r['image']} for r in mine])
         captions = gather_in_order(captions, len(self.rows))
         if captions is None:  # not rank 0: rank 0 scores and writes
             distributed.barrier()
@@ -169,12 +179,19 @@ class ValidationHook(Hook):
         from utils.evaluation.scoring import score, start_meteor
         if self.meteor is None:
             self.meteor = start_meteor()
-        scores = score(captions, [r['references'] for r in self.rows], spice=self.conf.validation.val_spice, meteor=self.meteor)
+        scores = score(captions, [r['references'] for r in self.rows], spice=self.conf.validation.val_spice,
+                       meteor=self.meteor, cider_per_caption=True)
         metrics = {k: v for k, v in scores.items() if k in VAL_METRICS and v is not None}
-        improved = self.best.offer(metrics[self.conf.validation.best_metric], iteration, epoch, trainer)
+        styles = self.style_figures(captions, scores['CIDEr_per_caption'])
+        accuracy = {k: styles.pop(k) for k in ('style_accuracy_top1', 'style_accuracy_top5')}
+        metrics.update({k: v for k, v in accuracy.items() if v is not None})
+        with averaged_weights(trainer):
+            improved = self.best.offer(metrics[self.conf.validation.best_metric], iteration, epoch, trainer)
         record = {'iteration': iteration, 'epoch': epoch, 'metrics': metrics,
                   'seconds': round(time.perf_counter() - start, 3), 'n_samples': len(self.rows),
-                  'best': improved}
+                  'best': improved, **styles}
+        if self.tensorboard is not None:
+            self.tensorboard.add_validation(metrics)
         with open(self.path, 'a', encoding='utf-8') as f:
             f.write(json.dumps(record) + '\n')
         logger.info('validation at iteration %d (epoch %d, %d val rows, %.1f s): %s%s', iteration, epoch,
@@ -184,7 +201,37 @@ class ValidationHook(Hook):
                     f'; best {self.conf.validation.best_metric} {100 * self.best.value:.1f} at iteration {self.best.iteration}')
         for cap, row in list(zip(captions, self.rows))[:3]:
             logger.info('  %-12s -> %s', row['style'], cap)
+        if len(record['per_style']) > 1:
+            from utils.evaluation.table import weakest_styles_text
+            logger.info('  styles learnt least: %s', weakest_styles_text(record['per_style']))
         draw_curves(self.conf.run.work_dir)
         distributed.barrier()
         return record
+
+    def style_figures(self, captions: List[str], cider: List[float]) -> dict:
+        """Rank 0: the style accuracy of the captions and the per-style figures (``per_style``, ``per_style_note``,
+        ``style_confusions``). The classifier and its verdicts on the val references are made at the first
+        validation; when it cannot be had, the accuracy figures are None and the status says why."""
+        from utils.evaluation.per_style import per_style_figures
+        from utils.evaluation.style_classifier import classifier_for_conf, judge, style_figures
+        styles = [r['style'] for r in self.rows]
+        refs = [r['references'] for r in self.rows]
+        if self.style_judge is None:
+            try:
+                clf, status = classifier_for_conf(self.conf)
+            except Exception as exc:  # noqa: BLE001 - the style figures must never stop a run
+                clf, status = None, f'style accuracy unavailable: {type(exc).__name__}: {exc}'
+            if clf is None:
+                logger.warning('validation: %s', status)
+            self.style_judge = (clf, status, None)
+        clf, status, ref_hits = self.style_judge
+        verdicts = judge(clf, styles, captions, refs, ref_hits) if clf is not None else None
+        if verdicts is not None:
+            self.style_judge = (clf, status, verdicts[1])
+        figures, _ = style_figures(clf, styles, captions, refs, status, verdicts=verdicts)
+        out = {k: figures[k] for k in ('style_accuracy_top1', 'style_accuracy_top5')}
+        out.update(per_style_figures(styles, cider, *(verdicts if verdicts is not None else (None, None))))
+        if clf is None:
+            out['style_status'] = status
+        return out
 

@@ -1,0 +1,143 @@
+"""utils.patches.generation at work: the stock search's tokens and scores without its wasted work, and captions
+that are text (mask_image_tokens). The equality at OFA-tiny's real size is in bench/bench_real_sizes.py (building a
+real-size model dir alone takes ~20 s here)."""
+import dataclasses
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+STYLES = ['Happy', 'Sarcastic', 'Romantic', 'Anxious']
+
+
+@pytest.fixture(scope='module')
+def model_dir(tiny_model, tmp_path_factory):
+    """The random tiny model with a style map whose prompts differ in length (style words, not style tokens), so
+    a batch's prompts are padded."""
+    from utils.core.conf import DEFAULT_PROMPT
+    from utils.data.styles import StyleMap
+    out = tmp_path_factory.mktemp('gen_speed') / 'model'
+    shutil.copytree(tiny_model, out)
+    StyleMap.build(STYLES, False, DEFAULT_PROMPT).save(str(out))
+    return str(out)
+
+
+@pytest.fixture(scope='module')
+def items(pcap):
+    images = sorted(Path(pcap[1]).glob('test*.jpg'))
+    return [{'image': str(img), 'style': STYLES[i % 4]} for i, img in enumerate(images)]
+
+
+def captioners(model_dir, bias=None, **settings):
+    """(fast, stock) Captioners of the same weights; ``bias``: {token id: value} added to the output logits (a
+    bias of the output projection), to steer what the random model prefers."""
+    import torch
+
+    from utils.captioning.captioner import Captioner
+    from utils.core.conf import GenerationConf
+    generation = GenerationConf(**{'beam_size': 4, 'max_len': 10, 'no_repeat_ngram_size': 3, **settings})
+    pair = tuple(Captioner(model_dir, generation, fast=f) for f in (True, False))
+    for c in pair:
+        proj = c.model.model.decoder.output_projection
+        if bias:
+            proj.bias = torch.nn.Parameter(torch.zeros(proj.weight.size(0)), requires_grad=False)
+            for token, value in bias.items():
+                proj.bias.data[token] = value
+    return pair
+
+
+def hypotheses(captioner, items):
+    import torch
+    batch = captioner.collate([captioner.preprocessor(item) for item in items])
+    with torch.inference_mode():
+        return captioner.model.generator.generate([captioner.model.model], batch)
+
+
+def assert_same_hypotheses(ours, theirs):
+    import torch
+    assert len(ours) == len(theirs)
+    for a_sent, b_sent in zip(ours, theirs):
+        assert len(a_sent) == len(b_sent)
+        for a, b in zip(a_sent, b_sent):
+            assert torch.equal(a['tokens'], b['tokens'])
+            assert torch.allclose(a['score'], b['score'], rtol=1e-5, atol=1e-5)
+            assert torch.allclose(a['positional_scores'], b['positional_scores'], rtol=1e-5, atol=1e-5)
+
+
+def test_same_hypotheses_as_the_stock_generator_when_sentences_finish_at_different_steps(model_dir, items):
+    """Padded prompts, and sentences leaving the batch at different steps (an end-of-sentence bias makes the random
+    model stop early on some images): the per-image state is re-indexed, not reordered, and the beams and scores
+    are the stock generator's (image-token masking off, as the stock generator has none)."""
+    fast, stock = captioners(model_dir, mask_image_tokens=False)
+    assert_same_hypotheses(hypotheses(fast, items[:7]), hypotheses(stock, items[:7]))
+    eos = fast.model.tokenizer.eos_token_id
+    fast, stock = captioners(model_dir, bias={eos: 0.0}, mask_image_tokens=False)
+    for value in [0.1 * i for i in range(1, 30)]:  # the first bias at which the finishing steps differ
+        for c in (fast, stock):
+            c.model.model.decoder.output_projection.bias.data[eos] = value
+        ours = hypotheses(fast, items[:7])
+        finished_at = {max(len(h['tokens']) for h in sent) for sent in ours}
+        if len(finished_at) > 1:
+            break
+    assert len(finished_at) > 1, finished_at  # sentences really left the batch at different steps
+    assert_same_hypotheses(ours, hypotheses(stock, items[:7]))
+    assert fast.caption(items, batch_size=3) == stock.caption(items, batch_size=5)
+
+
+def test_masked_captions_hold_no_image_token_and_equal_the_stock_search_over_text(model_dir, items):
+    """A model biased toward a <code_k> row says it everywhere unmasked; masked (the default), no hypothesis holds
+    a <code_k>/<bin_k> token, and the sliced projection gives the stock search's beams over logits whose image-token
+    rows are -inf."""
+    from utils.patches.generation import image_token_ids
+    fast, _ = captioners(model_dir)
+    codes = image_token_ids(fast.model.tokenizer)
+    assert len(codes) == 8192 + 1000 and codes[-1] == len(fast.model.tokenizer) - 1
+    favourite = fast.model.tokenizer.convert_tokens_to_ids('<code_77>')
+    fast, _ = captioners(model_dir, bias={favourite: 30.0}, mask_image_tokens=False)
+    unmasked = hypotheses(fast, items[:4])
+    assert all(favourite in sent[0]['tokens'].tolist() for sent in unmasked)
+    assert all('code77' in c for c in fast.caption(items[:4]))  # what a user saw: "code77 code77 ..."
+
+    fast, stock = captioners(model_dir, bias={favourite: 30.0})  # mask_image_tokens: the default, on
+    assert fast.generation.mask_image_tokens and fast.model.generator.mask_image_tokens
+    ours = hypotheses(fast, items[:6])
+    code_set = set(codes)
+    assert not any(code_set & set(h['tokens'].tolist()) for sent in ours for h in sent)
+    assert_same_hypotheses(ours, hypotheses(stock, items[:6]))  # stock: the same rows at -inf (mask_rows_hook)
+    captions = fast.caption(items)
+    assert captions == stock.caption(items, batch_size=3)
+    assert not any(re.search(r'\b(code|bin)_?\d+', c) for c in captions)
+
+    fast.set_generation(dataclasses.replace(fast.generation, mask_image_tokens=False))
+    assert not fast.model.generator.mask_image_tokens  # the web demo's set_generation turns it off again
+    assert all('code77' in c for c in fast.caption(items[:2]))
+
+
+def test_executed_flops_are_close_to_what_beam_search_needs(model_dir, items):
+    """FLOPs torch counts for a batch against the hand count of bench/bench_real_sizes.py: no per-beam copies of
+    the image's cross-attention work, no recomputed prefix, no positional keys per step; the stock generator
+    executes several times more."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.bench_real_sizes import needed_flops, resnet_flops
+    fast, stock = captioners(model_dir, beam_size=5, max_len=16)
+    batch = items[:8]
+    counted = []
+    for c in (fast, stock):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            sents = hypotheses(c, batch)
+        counted.append(counter.get_total_flops())
+    model = fast.model.model
+    sample = fast.collate([fast.preprocessor(item) for item in batch])
+    size = sample['net_input']['patch_images'].shape[-1]
+    lens = sample['net_input']['input_ids'].ne(fast.model.tokenizer.pad_token_id).sum(1).tolist()
+    steps = [max(len(h['tokens']) for h in sent) for sent in sents]
+    rows = len(fast.model.tokenizer) - sum(bool(re.fullmatch(r'<(code|bin)_\d+>', t)) for t in fast.model.tokenizer.get_vocab())
+    needed = needed_flops(model.config, resnet_flops(model.encoder.embed_images, size), (size // 16) ** 2, lens,
+                          steps, 5, rows)
+    assert needed <= counted[0] <= 1.15 * needed, (counted[0] / needed)
+    assert counted[1] > 2 * counted[0], counted[1] / counted[0]
