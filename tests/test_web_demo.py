@@ -168,7 +168,9 @@ def test_caption_in_the_browser_equals_the_captioner(browser, app, captioner, co
         assert short == captioner.caption([{'style': 'Sarcastic', 'image': str(image)}], progress=False)[0]
     finally:
         captioner.set_generation(generation)
-    assert len(short.split()) <= 3 < len(expected['Sarcastic'].split())
+    # 3 tokens at most: shorter than the 16-token caption (characters, not words: with the image tokens masked, a
+    # random model's tokens are byte-level pieces without spaces)
+    assert short != expected['Sarcastic'] and len(short) < len(expected['Sarcastic'])
 
 
 @pytest.mark.e2e
