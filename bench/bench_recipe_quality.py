@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from utils.demo.data import draw_shape
 
 ROOT = Path(__file__).resolve().parent.parent
 COLOURS = {'red': (220, 30, 30), 'green': (30, 170, 40), 'blue': (30, 60, 220), 'yellow': (235, 210, 20),
@@ -70,32 +70,11 @@ STYLES = {
 }
 SPLITS = {'train': 480, 'val': 96}
 STYLES_PER_TRAIN_IMAGE = 2
-IMAGE_SIZE = 96
 
 
-def _draw(rng: random.Random, colour: str, shape: str, background: str) -> Image.Image:
-    size = IMAGE_SIZE
-    lo, hi = BACKGROUNDS[background]
-    img = Image.new('RGB', (size, size), tuple(rng.randint(lo, hi) for _ in range(3)))
-    draw = ImageDraw.Draw(img)
-    for _ in range(40):
-        x, y = rng.randrange(size), rng.randrange(size)
-        draw.point((x, y), fill=tuple(rng.randint(0, 255) for _ in range(3)))
-    r = rng.randint(int(size * 0.28), int(size * 0.40))
-    jitter = size // 10
-    cx, cy = size // 2 + rng.randint(-jitter, jitter), size // 2 + rng.randint(-jitter, jitter)
-    fill = COLOURS[colour]
-    if shape == 'circle':
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == 'square':
-        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == 'cross':
-        w = r // 3
-        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
-        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
-    else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-    return img
+def _draw(rng: random.Random, colour: str, shape: str, background: str):
+    return draw_shape(rng, COLOURS[colour], shape, background=BACKGROUNDS[background], clutter=40,
+                      clutter_range=(0, 255), radius=(0.28, 0.40), jitter=10)
 
 
 def texts() -> list:

@@ -34,21 +34,24 @@ def caption(style: str, colour: str, shape: str, alt: bool = False) -> str:
     return STYLES[style][int(alt)].format(c=colour, s=shape)
 
 
-def _draw(rng: random.Random, colour: str, shape: str) -> Image.Image:
-    size = IMAGE_SIZE
-    bg = tuple(rng.randint(150, 255) for _ in range(3))
-    img = Image.new('RGB', (size, size), bg)
+def draw_shape(rng: random.Random, fill: tuple, shape: str, *, size: int = IMAGE_SIZE, background=(150, 255),
+               clutter: int = 30, clutter_range=(100, 255), radius=(0.32, 0.42), jitter: int = 16) -> Image.Image:
+    """One shape (circle, square, cross, triangle) of colour ``fill`` on a noisy background of grey levels in
+    ``background``, with ``clutter`` random points, a radius drawn in ``radius`` x size and the centre moved by up
+    to size // ``jitter``. The defaults are the demo's."""
+    img = Image.new('RGB', (size, size), tuple(rng.randint(*background) for _ in range(3)))
     draw = ImageDraw.Draw(img)
-    for _ in range(30):  # background clutter, so the model has to look at the shape
+    for _ in range(clutter):  # background clutter, so the model has to look at the shape
         x, y = rng.randrange(size), rng.randrange(size)
-        draw.point((x, y), fill=tuple(rng.randint(100, 255) for _ in range(3)))
+        draw.point((x, y), fill=tuple(rng.randint(*clutter_range) for _ in range(3)))
     # big, roughly centred shapes: the outline must survive the model's coarse (1/16) image patches
-    r = rng.randint(int(size * 0.32), int(size * 0.42))
-    jitter = size // 16
+    r = rng.randint(int(size * radius[0]), int(size * radius[1]))
+    jitter = size // jitter
     cx, cy = size // 2 + rng.randint(-jitter, jitter), size // 2 + rng.randint(-jitter, jitter)
-    fill = COLOURS[colour]
     if shape == 'circle':
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == 'square':
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
     elif shape == 'cross':
         w = r // 3
         draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
@@ -71,7 +74,7 @@ def build_demo_data(dataset_path: str, img_addr: str, seed: int = 0, sizes: dict
         for i in range(n_images):
             colour, shape = combos[i % len(combos)]
             image_hash = f'{split}{i:04d}'
-            _draw(rng, colour, shape).save(imgs / f'{image_hash}.jpg', quality=92)
+            draw_shape(rng, COLOURS[colour], shape).save(imgs / f'{image_hash}.jpg', quality=92)
             chosen = rng.sample(styles, STYLES_PER_TRAIN_IMAGE) if split == 'train' else [styles[i % len(styles)]]
             for style in chosen:
                 row = {'personality': style, 'comment': caption(style, colour, shape), 'image_hash': image_hash}

@@ -179,13 +179,8 @@ class _FastDecoder(torch.nn.Module):
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         self.self_kv[idx] = (k, v)
         h = self._attend(attn, q, k, v, bias, mask, rows)
-        if layer.self_attn_mid_layer_norm:
-            h = layer.self_attn_mid_layer_norm(h)
-        h = layer.dropout(h)
-        if layer.use_gamma_feature:
-            h = layer.weight_self_attn * h
-        h = layer.residual_connection(h, residual)
-        return h if layer.normalize_before else layer.self_attn_layer_norm(h)
+        return self._close(layer, h, residual, layer.self_attn_mid_layer_norm, 'weight_self_attn',
+                           layer.self_attn_layer_norm)
 
     def _cross_attention(self, layer, idx, x, bias, mask, n_images):
         attn = layer.cross_attn
@@ -200,13 +195,19 @@ class _FastDecoder(torch.nn.Module):
         w = F.softmax(w, dim=-1)
         out = torch.matmul(w, v).transpose(1, 2).reshape(h.size(0), 1, attn.num_heads, attn.head_dim)
         h = self._project(attn, out, h.size(0))
-        if layer.cross_attn_mid_layer_norm:
-            h = layer.cross_attn_mid_layer_norm(h)
+        return self._close(layer, h, residual, layer.cross_attn_mid_layer_norm, 'weight_cross_attn',
+                           layer.cross_attn_layer_norm)
+
+    @staticmethod
+    def _close(layer, h, residual, mid_norm, gamma: str, norm):
+        """An attention block's end, as OFA's decoder layer does it: mid norm, dropout, gamma, residual, norm."""
+        if mid_norm:
+            h = mid_norm(h)
         h = layer.dropout(h)
         if layer.use_gamma_feature:
-            h = layer.weight_cross_attn * h
+            h = getattr(layer, gamma) * h
         h = layer.residual_connection(h, residual)
-        return h if layer.normalize_before else layer.cross_attn_layer_norm(h)
+        return h if layer.normalize_before else norm(h)
 
     def _attend(self, attn, q, k, v, bias, mask, rows):
         w = torch.matmul(q, k.transpose(2, 3)) + bias                                   # (rows, heads, 1, length)
