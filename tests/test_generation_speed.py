@@ -141,3 +141,22 @@ def test_executed_flops_are_close_to_what_beam_search_needs(model_dir, items):
                           steps, 5, rows)
     assert needed <= counted[0] <= 1.15 * needed, (counted[0] / needed)
     assert counted[1] > 2 * counted[0], counted[1] / counted[0]
+
+
+def test_a_loaded_model_runs_its_resnet_channels_last_with_the_stock_captions_and_a_trained_one_is_left_alone(
+        model_dir, items):
+    """The Captioner keeps the ResNet of a model it loaded itself in channels-last layout on the CPU (faster
+    oneDNN convolutions, bench/RESULTS.md) and its captions stay the stock generator's (fast=False keeps the
+    stock layout); a model handed to it (the one a trainer trains, for validation) keeps its layout."""
+    import torch
+
+    from utils.captioning.captioner import Captioner
+    fast, stock = captioners(model_dir)
+
+    def convs(captioner):
+        return [m for m in captioner.model.model.encoder.embed_images.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs(fast) and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs(fast))
+    assert all(m.weight.is_contiguous() for m in convs(stock))
+    assert fast.caption(items, batch_size=3, progress=False) == stock.caption(items, batch_size=3, progress=False)
+    handed = Captioner(stock.model, stock.generation, style_map=stock.style_map)
+    assert all(m.weight.is_contiguous() for m in convs(handed))
