@@ -69,6 +69,23 @@ def read_data(conf: Conf, mode: str, n_samples: Optional[int] = None, checks=Non
     return load_split(conf, 'test', limit=n_samples, checks=checks)
 
 
+def read_inputs(conf: Conf, mode: str, n_samples: Optional[int], checkpoint_arg: Optional[str], checks):
+    """Everything a run reads before it starts: (checkpoint, rows, stats, style map, val rows, checks). Runs beside
+    the start-up's imports (utils/core/beside.py), so what it returns travels light: the train rows packed
+    (utils/data/packed.py), the image checks without the entries they remembered."""
+    from utils.data.packed import PackedRows
+    from utils.data.rows import load_val_rows
+    checkpoint = resolve_checkpoint(checkpoint_arg, conf.run.work_dir)
+    rows, stats = read_data(conf, mode, n_samples, checks)
+    style_map = val_rows = None
+    if mode == 'train':
+        style_map = build_style_map(conf, rows, checkpoint)
+        val_rows = load_val_rows(conf, style_map, checks)
+        rows = PackedRows(rows)
+    checks.forget()
+    return checkpoint, rows, stats, style_map, val_rows, checks
+
+
 def build_style_map(conf: Conf, rows: List[dict], checkpoint: Optional[str]):
     """The style map of this run: the one model_name carries when this toolkit trained it (extended with
     new styles, never renumbered), else a new one. Resuming, it must be the one the checkpoint was trained
@@ -90,6 +107,18 @@ def build_style_map(conf: Conf, rows: List[dict], checkpoint: Optional[str]):
     logger.info('%d train rows, %d styles (%s in the prompt)', len(rows), len(style_map.tokens),
                 'style tokens' if conf.model.tokenize_style else 'style words')
     return style_map
+
+
+def preload(mode: str) -> None:
+    """Import what the run will use (torch, ModelScope's model, preprocessors and trainer): the start-up's longest
+    step, done while the data is read beside it."""
+    from modelscope.models.multi_modal import ofa_for_all_tasks  # noqa: F401 - the model
+    from utils.captioning import preprocessor  # noqa: F401 - ModelScope's OFA preprocessors
+    if mode == 'train':
+        from utils.training import recipe_trainer, stages, validation  # noqa: F401 - ModelScope's OFATrainer
+    else:
+        from utils.captioning import captioner  # noqa: F401
+        from utils.evaluation import results  # noqa: F401
 
 
 def write_summary(conf: Conf, stamp: str, summary: dict) -> str:
@@ -118,7 +147,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
     def prepare():  # every check that can fail on bad input, before anything is written
-        from utils.training.validation import load_val_rows
         if getattr(args, 'n_samples', None) is not None and args.n_samples < 1:
             raise UsageError(f'-n must be at least 1, got {args.n_samples}')
         conf = apply_overrides(read_conf(args.conf), **conf_overrides(args))
@@ -129,12 +157,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             from utils.demo.data import ensure_demo_assets
             ensure_demo_assets(conf.model.model_name, conf.data.dataset_path, conf.data.img_addr, conf.model.patch_image_size or 64)
         validate(conf, splits=('train', 'val') if args.mode == 'train' else ('test',))
-        checkpoint = resolve_checkpoint(args.checkpoint, conf.run.work_dir)
+        from utils.core.beside import Beside
         from utils.data.image_checks import ImageChecks
-        checks = ImageChecks(conf.run.work_dir)
-        rows, stats = read_data(conf, args.mode, getattr(args, 'n_samples', None), checks)
-        style_map = build_style_map(conf, rows, checkpoint) if args.mode == 'train' else None
-        val_rows = load_val_rows(conf, style_map, checks) if args.mode == 'train' else None
+        # the checkpoint and the data are read in a child process while this one imports torch and ModelScope
+        reading = Beside(read_inputs, conf, args.mode, getattr(args, 'n_samples', None), args.checkpoint,
+                         ImageChecks(conf.run.work_dir))
+        preload(args.mode)
+        checkpoint, rows, stats, style_map, val_rows, checks = reading.result()
         return conf, checkpoint, rows, stats, style_map, val_rows, checks
 
     if args.mode == 'train' and distributed.launched():

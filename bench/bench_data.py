@@ -124,11 +124,13 @@ def build_pcap_scale(root: Path, n_train: int, n_val: int = 5000, n_test: int = 
 TIMED = [  # (module, attribute path, step name): the start-up path, in call order
     ('finetune', 'validate', 'conf checks'),
     ('finetune', 'resolve_checkpoint', 'finding the checkpoint (-p)'),
+    ('finetune', 'preload', 'imports (torch, ModelScope), beside the data'),
+    ('utils.core.beside', 'Beside.result', 'waiting for the data read beside'),
     ('finetune', 'read_data', 'train rows'),
     ('utils.data.image_checks', 'ImageChecks.verdicts', 'image checks'),
     ('utils.data.image_checks', 'ImageChecks.save', 'saving image checks'),
     ('finetune', 'build_style_map', 'style map'),
-    ('utils.training.validation', 'load_val_rows', 'val rows'),
+    ('utils.data.rows', 'load_val_rows', 'val rows'),
     ('utils.training.trainer', 'build_trainer', 'building the trainer'),
     ('utils.captioning.preprocessor', 'OfaPreprocessorForStylishIC.__init__', 'preprocessors'),
     ('utils.data.dataset', 'StylishCaptionDataset.__init__', 'train dataset'),
@@ -181,70 +183,139 @@ def probe(out: str, stop_after: int, finetune_argv) -> None:
         return wrapper
 
     def done(name, t, inside):
-        if stop.first is not None and name in timings:
+        if state['first'] is not None and name in timings:
             return  # timed up to iteration 1 already
         entry = timings.setdefault(name, [0.0, 0, inside])
         entry[0] += time.perf_counter() - t
         entry[1] += 1
 
-    import finetune
-    for module, attr, name in TIMED:
-        try:
-            owner = importlib.import_module(module)
-        except ImportError:
-            continue  # (an older toolkit without this step)
+    def install(owner_module, attr, name):
+        owner = owner_module
         *path, last = attr.split('.')
         for part in path:
             owner = getattr(owner, part, None)
         if owner is None or not hasattr(owner, last):
-            continue  # (an older toolkit without this step)
+            return  # (an older toolkit without this step)
         raw = owner.__dict__[last] if isinstance(owner, type) else getattr(owner, last)
         if isinstance(raw, (classmethod, staticmethod)):
             setattr(owner, last, type(raw)(timed(raw.__func__, name)))
         else:
             setattr(owner, last, timed(raw, name))
 
-    from modelscope.trainers.hooks.hook import Hook
-    from modelscope.trainers.hooks.priority import Priority
-    t_imported = time.time()  # what the command imports anyway (torch, ModelScope's trainer), imported first here
+    # Timers go on each module of TIMED as it is imported, by the command itself and when it would import it: the
+    # probe imports nothing ahead of the command (the command overlaps its imports with reading the data).
+    pending, after_import = {}, {}
+    for module, attr, name in TIMED:
+        pending.setdefault(module, []).append((attr, name))
 
-    class Stop(Hook):
-        PRIORITY = Priority.LOWEST  # after CheckpointHook: iteration 1's checkpoint is on disk
+    class TimerFinder(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path, target=None):
+            if fullname not in pending and fullname not in after_import:
+                return None
+            sys.meta_path.remove(self)  # the real finders find it
+            try:
+                spec = importlib.util.find_spec(fullname)
+            finally:
+                sys.meta_path.insert(0, self)
+            if spec is None or spec.loader is None:
+                return spec
+            exec_module = spec.loader.exec_module
 
-        def __init__(self):
-            self.first = None
-            self.done = 0
+            def exec_and_time(module):
+                exec_module(module)
+                for attr, name in pending.pop(fullname, []):
+                    install(module, attr, name)
+                if fullname in after_import:
+                    after_import.pop(fullname)(module)
+            spec.loader.exec_module = exec_and_time
+            return spec
 
-        def before_train_iter(self, trainer):
-            if self.first is None:
-                self.first = time.time()
-                self.start_iter = trainer.iter
-                for k in range(len(stack)):  # the steps still running (trainer.train): up to iteration 1
-                    done(*stack[k], [n for n, _ in stack[:k]])
+    import importlib.abc
+    import importlib.util
+    sys.meta_path.insert(0, TimerFinder())
+    import finetune
+    for module in list(pending):  # those the command imported already (finetune's own imports)
+        if module in sys.modules:
+            for attr, name in pending.pop(module):
+                install(sys.modules[module], attr, name)
 
-        def after_train_iter(self, trainer):
-            self.done += 1
-            if self.done < stop_after:
-                return
-            me = os.getpid()
-            kids = descendants(me)
-            figures = {'to_first_iteration_s': self.first - t_command, 'imports_s': t_imported - t_command,
-                       'start_iter': self.start_iter,
-                       'steps': {k: {'s': v[0], 'calls': v[1], 'inside': v[2]} for k, v in timings.items()},
-                       'pss_main_kb': pss_kb(me), 'pss_children_kb': [pss_kb(k) for k in kids]}
-            Path(out).write_text(json.dumps(figures))
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
+    beside_figures = {}
+    me = os.getpid()
+    try:
+        from utils.core import beside
+        result = beside.Beside.result
 
-    stop = Stop()
-    build = sys.modules['utils.training.trainer'].build_trainer
+        def result_and_record(self):
+            try:
+                return result(self)
+            finally:
+                beside_figures.update(child_s=self.seconds, waited_s=self.waited, forked=self.pid is not None,
+                                      returned_at_s=time.time() - t_command)
+                child = Path(f'{out}.child')
+                if child.is_file():  # the steps timed in the child (reading the data)
+                    beside_figures['child_steps'] = json.loads(child.read_text())
+        beside.Beside.result = result_and_record
+        read_inputs = finetune.read_inputs
 
-    def build_and_stop(*args, **kwargs):
-        trainer = build(*args, **kwargs)
-        trainer.register_hook(stop)
-        return trainer
-    sys.modules['utils.training.trainer'].build_trainer = build_and_stop
+        def read_inputs_and_record(*args, **kwargs):
+            before = set(timings)  # (in a child: the parent's steps, copied by the fork)
+            try:
+                return read_inputs(*args, **kwargs)
+            finally:
+                if os.getpid() != me:  # the child: its steps go to a side file, its timers are not the parent's
+                    Path(f'{out}.child').write_text(json.dumps(
+                        {k: {'s': v[0], 'calls': v[1], 'inside': v[2]} for k, v in timings.items() if k not in before}))
+        finetune.read_inputs = read_inputs_and_record
+    except (ImportError, AttributeError):
+        pass  # (an older toolkit: the data is read in the command's own process)
+
+    t_main = time.time()  # python start, the probe and finetune.py's own (light) imports
+    state = {'first': None}
+
+    def stop_hook():  # built once the command has imported ModelScope (the probe imports nothing ahead of it)
+        from modelscope.trainers.hooks.hook import Hook
+        from modelscope.trainers.hooks.priority import Priority
+
+        class Stop(Hook):
+            PRIORITY = Priority.LOWEST  # after CheckpointHook: iteration 1's checkpoint is on disk
+
+            def __init__(self):
+                self.done = 0
+
+            def before_train_iter(self, trainer):
+                if state['first'] is None:
+                    state['first'] = time.time()
+                    self.start_iter = trainer.iter
+                    for k in range(len(stack)):  # the steps still running (trainer.train): up to iteration 1
+                        done(*stack[k], [n for n, _ in stack[:k]])
+
+            def after_train_iter(self, trainer):
+                self.done += 1
+                if self.done < stop_after:
+                    return
+                kids = descendants(me)
+                figures = {'to_first_iteration_s': state['first'] - t_command, 'start_s': t_main - t_command,
+                           'beside': beside_figures, 'start_iter': self.start_iter,
+                           'steps': {k: {'s': v[0], 'calls': v[1], 'inside': v[2]} for k, v in timings.items()},
+                           'pss_main_kb': pss_kb(me), 'pss_children_kb': [pss_kb(k) for k in kids]}
+                Path(out).write_text(json.dumps(figures))
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
+        return Stop()
+
+    def hook_build_trainer(module):
+        build = module.build_trainer
+
+        def build_and_stop(*args, **kwargs):
+            trainer = build(*args, **kwargs)
+            trainer.register_hook(stop_hook())
+            return trainer
+        module.build_trainer = build_and_stop
+    if 'utils.training.trainer' in sys.modules:  # (finetune.py's own imports bring it)
+        hook_build_trainer(sys.modules['utils.training.trainer'])
+    else:
+        after_import['utils.training.trainer'] = hook_build_trainer
     sys.exit(finetune.main(finetune_argv))
 
 
@@ -262,7 +333,7 @@ def run_probe(argv, stop_after: int, tmp: Path) -> dict:
 def print_steps(title: str, fig: dict) -> None:
     total = fig['to_first_iteration_s']
     print(f'{title}: first training iteration {total:.1f} s after the command (iteration {fig["start_iter"] + 1})')
-    rows = [('python start + imports', fig['imports_s'], 0)]
+    rows = [('python start, finetune.py\'s own imports', fig['start_s'], 0)]
     for _, _, name in TIMED:
         step = fig['steps'].get(name)
         if step is not None:
@@ -271,6 +342,17 @@ def print_steps(title: str, fig: dict) -> None:
     for name, seconds, depth in rows:
         print(f'  {"  " * depth}{name:{44 - 2 * depth}s} {seconds:6.2f} s {100 * seconds / total:5.1f}%')
     print(f'  {"other (between the steps above)":44s} {total - top:6.2f} s {100 * (total - top) / total:5.1f}%')
+    beside = fig.get('beside') or {}
+    if beside.get('forked'):
+        print(f'  beside the imports, in a child process: reading the data {beside["child_s"]:.2f} s (its value '
+              f'handed over {beside["returned_at_s"]:.2f} s after the command; the command waited '
+              f'{beside["waited_s"]:.2f} s for it, unpickling included)')
+        for _, _, name in TIMED:
+            step = beside.get('child_steps', {}).get(name)
+            if step is not None:
+                print(f'    {"  " * len(step["inside"])}{name:{42 - 2 * len(step["inside"])}s} {step["s"]:6.2f} s')
+    elif beside:
+        print(f'  the data was read in the command\'s own process ({beside["child_s"]:.2f} s; no fork)')
 
 
 def startup(args, argv) -> None:

@@ -296,3 +296,48 @@ def test_a_training_run_remembers_its_image_checks(trained, monkeypatch):
     checks = ImageChecks(str(trained[1]))
     rows, _ = load_split(conf, 'train', checks=checks)
     assert seen == [] and checks.reused == len({r['image'] for r in rows}) > 0
+
+
+class _Counted:
+    """A dataset whose items are their indices, counting the loads (what a real one pays: images decoded)."""
+
+    def __init__(self, n):
+        self.n, self.loaded = n, []
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        self.loaded.append(i)
+        return i
+
+
+class _Resumed:
+    def __init__(self, inner_iter):
+        self.inner_iter = inner_iter
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize('skip', [0, 1, 7, 12, 99])
+def test_a_resumed_epoch_skips_its_trained_batches_without_loading_them(skip):
+    """The batches ModelScope's train_loop trains after `if i < inner_iter: continue` are the ones the stock loader
+    gives (same shuffled order, same RNG draws), but none of the skipped batches is loaded."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from utils.training.recipe_trainer import SkipTrainedBatches
+
+    def batches(wrap):
+        torch.manual_seed(1234)
+        data = _Counted(50)
+        loader = DataLoader(data, batch_size=4, shuffle=True, collate_fn=list)
+        it = SkipTrainedBatches(loader, _Resumed(skip)) if wrap else loader
+        assert len(it) == 13
+        trained = [b for i, b in enumerate(it) if i >= skip]  # train_loop's skip
+        return trained, data.loaded, torch.rand(1).item()  # the RNG afterwards: the same draws were made
+
+    stock, stock_loaded, stock_rng = batches(wrap=False)
+    ours, ours_loaded, ours_rng = batches(wrap=True)
+    assert ours == stock and ours_rng == stock_rng
+    assert len(stock_loaded) == 50 and sorted(ours_loaded) == sorted(i for b in stock for i in b)
+    assert len(ours_loaded) == 50 - 4 * min(skip, 12) - (2 if skip > 12 else 0)  # 13 batches: 12 of 4, one of 2

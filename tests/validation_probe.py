@@ -18,7 +18,8 @@ def main():
     from utils.data.rows import load_split
     from utils.data.styles import StyleMap
     from utils.training import trainer as assembly
-    from utils.training.validation import ValidationHook, load_val_rows
+    from utils.data.rows import load_val_rows
+    from utils.training.validation import ValidationHook
 
     if distributed.launched():
         distributed.init()

@@ -1,5 +1,5 @@
 """The checkpoints a work_dir holds (CheckpointHook's ``iter_N.pth`` + ``iter_N_trainer_state.pth`` and the
-toolkit's ``iter_N.sha256``): listing and deleting them. No ModelScope import: ``-p latest`` is resolved before
+toolkit's ``iter_N.sha256``): listing and deleting them, and loading their trainer state. No ModelScope import: ``-p latest`` is resolved before
 any heavy import."""
 from __future__ import annotations
 
@@ -32,3 +32,18 @@ def remove_checkpoint(prefix: str) -> None:
     for path in (prefix + '.pth', prefix + TRAINER_STATE, checkpoint_sums_file(prefix)):
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
+
+
+@contextlib.contextmanager
+def trainer_state_loading():
+    """Let ``torch.load(weights_only=True)`` read ModelScope trainer-state files, which hold numpy RNG
+    state. Allow-lists the numpy types needed instead of turning weights_only off."""
+    import numpy as np
+    import torch
+    from numpy._core.multiarray import _reconstruct
+
+    # re-entrant: torch's safe_globals removes its globals on exit, even those an enclosing block still needs
+    already = torch.serialization.get_safe_globals()
+    allowed = [g for g in (_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))) if g not in already]
+    with torch.serialization.safe_globals(allowed):
+        yield

@@ -64,6 +64,10 @@ def _name(path: str) -> str:
     return path if path.startswith(os.sep) else os.path.abspath(path)
 
 
+def _check_image(path: str) -> Optional[str]:
+    return images.check_image(path)  # looked up at each call (a test may replace it); a module function pickles
+
+
 def _encode(strings: Iterable[str]) -> bytes:
     return b''.join(s.encode('utf-8', 'surrogatepass') + b'\0' for s in strings)
 
@@ -83,7 +87,7 @@ class ImageChecks:
 
     def __init__(self, folder: Optional[str], check: Optional[Callable[[str], Optional[str]]] = None):
         self.path = os.path.join(folder, CHECKS_FILE) if folder else None
-        self.check = check or (lambda path: images.check_image(path))
+        self.check = check or _check_image
         self.checked = self.reused = 0
         self._known: Optional[Dict[str, tuple]] = None  # path -> (size, mtime_ns, ctime_ns, verdict)
         self._learnt: Dict[str, tuple] = {}
@@ -137,6 +141,11 @@ class ImageChecks:
         if self._known is None:
             self._known = self._read()
         return self._known
+
+    def forget(self) -> None:
+        """Let go of the remembered entries (read again when needed): what :meth:`save` adds is kept. The object
+        then travels light between processes (utils/core/beside.py)."""
+        self._known = None
 
     # ---------------------------------------------------------------- checking
     def verdicts(self, paths: List[str], desc: str = 'checking images') -> Dict[str, Optional[str]]:

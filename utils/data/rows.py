@@ -256,3 +256,18 @@ def load_split(conf, split: str, *, limit: Optional[int] = None, check_images: b
     caller's, once writing to work_dir is allowed)."""
     return read_split(conf.data.split_path(split), conf.data.img_addr, conf.data.file_attr, split, columns=conf.data.columns,
                       strict=conf.data.strict, check_images=check_images, limit=limit, checks=checks)
+
+
+def load_val_rows(conf, style_map, checks=None) -> List[dict]:
+    """The val rows validation captions (the first ``val_max_samples``), read before training starts. Rows of
+    a style the model is not trained with cannot be captioned: they are skipped, counted and named. ``checks``:
+    the image verdicts remembered in work_dir (utils/data/image_checks.py), as for the train rows."""
+    rows, _ = load_split(conf, 'val', limit=conf.validation.val_max_samples, checks=checks)
+    known = [r for r in rows if r['style'] in style_map.tokens]
+    if len(known) < len(rows):
+        unknown = sorted({r['style'] for r in rows} - set(style_map.tokens))
+        logger.warning('val: %d rows skipped, their style is not among the train styles: %s',
+                       len(rows) - len(known), ', '.join(unknown[:5]) + (', ...' if len(unknown) > 5 else ''))
+    if not known:
+        raise DataError(f'val file {conf.data.split_path("val")}: no row has a style of the train split')
+    return known

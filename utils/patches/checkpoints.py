@@ -8,12 +8,12 @@
   the toolkit's pipeline and preprocessor (ModelScope rewrites ``pipeline.type`` to the task at every save).
   A trainer with an ``output_weights()`` that gives a context (``ema``: the averaged weights,
   utils/training/recipe_trainer.py) has those weights in ``output/``; ``iter_N.pth`` keeps the trained ones.
-* :func:`trainer_state_loading`: ModelScope's trainer state holds numpy RNG state, which torch 2.11's
-  default ``weights_only=True`` refuses; the numpy types it needs are allow-listed.
+* :func:`trainer_state_loading` (defined in utils/core/checkpoint_files.py, which imports no ModelScope, so that
+  ``-p latest`` is resolved beside the start-up's imports): ModelScope's trainer state holds numpy RNG state, which
+  torch 2.11's default ``weights_only=True`` refuses; the numpy types it needs are allow-listed.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import errno
 import logging
@@ -24,7 +24,8 @@ from typing import Dict, List, Optional
 from modelscope.trainers.hooks.checkpoint.checkpoint_processor import CheckpointProcessor
 
 from utils.core.checksums import (checkpoint_sums_file, copy_hashed, replacement_entries, sha256_of, write_sums)
-from utils.core.checkpoint_files import CKPT_NAME, TRAINER_STATE, checkpoints_in, remove_checkpoint  # noqa: F401
+from utils.core.checkpoint_files import (CKPT_NAME, TRAINER_STATE, checkpoints_in, remove_checkpoint,  # noqa: F401
+                                         trainer_state_loading)
 from utils.core.layout import WEIGHTS_CHECKSUM_FILE
 
 logger = logging.getLogger(__name__)
@@ -182,18 +183,3 @@ def save_model_dir(trainer, output_dir: str) -> None:
     model = trainer.unwrap_module(trainer.model)
     CheckpointProcessor.prepare_output(processor, trainer, output_dir)
     processor.save_model_state(model, os.path.join(output_dir, processor._bin_file(model)))
-
-
-@contextlib.contextmanager
-def trainer_state_loading():
-    """Let ``torch.load(weights_only=True)`` read ModelScope trainer-state files, which hold numpy RNG
-    state. Allow-lists the numpy types needed instead of turning weights_only off."""
-    import numpy as np
-    import torch
-    from numpy._core.multiarray import _reconstruct
-
-    # re-entrant: torch's safe_globals removes its globals on exit, even those an enclosing block still needs
-    already = torch.serialization.get_safe_globals()
-    allowed = [g for g in (_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))) if g not in already]
-    with torch.serialization.safe_globals(allowed):
-        yield

@@ -13,6 +13,9 @@ overriding ``train_step`` and ``train``; the trainer's ``train_data_collator``):
   start anew. A checkpoint of an SCST run (an interrupted one) resumes whole. The stage a checkpoint was
   trained in is in its trainer state (:class:`StageHook`).
 
+* A resumed epoch skips the batches trained before its checkpoint by index (:class:`SkipTrainedBatches`), not by
+  loading each one and throwing it away as ModelScope's ``train_loop`` does.
+
 The criterion is told the optimizer steps done (``criterion.steps``, for ``drop_worst_after``): OFATrainer calls
 it without ``update_num``.
 """
@@ -42,6 +45,61 @@ class MicroBatchCollator:
         return MicroBatches(self.collate(samples[i:i + self.size]) for i in range(0, len(samples), self.size))
 
 
+class _SkipFirst:
+    """A batch sampler without its first ``n`` batches (drawn, so the order of the rest is unchanged)."""
+
+    def __init__(self, batch_sampler, n: int):
+        self.batch_sampler, self.n = batch_sampler, n
+
+    def __iter__(self):
+        batches = iter(self.batch_sampler)
+        for _ in zip(range(self.n), batches):
+            pass
+        yield from batches
+
+    def __len__(self):
+        return max(0, len(self.batch_sampler) - self.n)
+
+
+class SkipTrainedBatches:
+    """The train dataloader as ModelScope's ``train_loop`` sees it. Resuming in the middle of an epoch, that loop
+    skips the batches trained before the checkpoint (``if i < self.inner_iter: continue``), but only after the
+    dataloader has loaded each one: every image read, decoded and preprocessed, then thrown away (at 186k rows and
+    batch 4, resuming late in an epoch loads up to 46k batches first). Here the epoch's order is drawn from the same
+    batch sampler and the trained batches are skipped by index: the loop gets a placeholder (None) for each, which
+    it skips without looking, then the batches it would have got. Epochs that start at batch 0 are the loader's own."""
+
+    def __init__(self, loader, trainer):
+        self.loader, self.trainer = loader, trainer
+        self.skipped = 0  # batches skipped by index in this run (0 when it did not resume mid-epoch)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):  # dataset, sampler, batch_size, ...: the loader's
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        from torch.utils.data import DataLoader
+        skip = min(self.trainer.inner_iter, len(self.loader))
+        loader = self.loader
+        if skip <= 0 or loader.batch_sampler is None:
+            yield from loader
+            return
+        rest = DataLoader(loader.dataset, batch_sampler=_SkipFirst(loader.batch_sampler, skip),
+                          num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                          timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+                          multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
+                          prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers,
+                          pin_memory_device=loader.pin_memory_device)
+        self.skipped += skip
+        logger.info('resuming at batch %d of the epoch: the %d trained batches are skipped without loading them',
+                    skip + 1, skip)
+        for _ in range(skip):
+            yield None
+        yield from rest
+
+
 class StageHook(Hook):
     """Records the stage a run trains in into its checkpoints' trainer state (nothing else)."""
 
@@ -58,7 +116,7 @@ def checkpoint_stage(prefix: str) -> Optional[str]:
     import torch
 
     from utils.core.checkpoint_files import TRAINER_STATE
-    from utils.patches.checkpoints import trainer_state_loading
+    from utils.core.checkpoint_files import trainer_state_loading
     with trainer_state_loading():
         meta = torch.load(prefix + TRAINER_STATE, map_location='cpu', weights_only=True, mmap=True).get('meta', {})
     for key, value in meta.items():
@@ -97,6 +155,9 @@ class RecipeTrainer(OFATrainer):
             raise CheckpointError(f'checkpoint {checkpoint_path}: its optimizer state holds other parameters than '
                                   'this run trains (a different "freeze" or stage); train with the same freeze, or '
                                   'start SCST with scst.fresh_optimizer true') from None
+
+    def train_loop(self, data_loader):
+        return super().train_loop(SkipTrainedBatches(data_loader, self))
 
     def output_weights(self):
         """A context in which the model holds the weights ``output/`` gets (``ema``: the average), or None: the

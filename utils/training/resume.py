@@ -20,7 +20,7 @@ def readable(prefix: str) -> Optional[str]:
     not the weights and optimizer state themselves (several GB for OFA-large with AdamW state)."""
     import torch
 
-    from utils.patches.checkpoints import trainer_state_loading
+    from utils.core.checkpoint_files import trainer_state_loading
     from utils.core.errors import first_line
     try:
         torch.load(prefix + '.pth', map_location='cpu', weights_only=True, mmap=True)

@@ -18,7 +18,7 @@ def train(conf: Conf, checkpoint: Optional[str], stamp: str, rows: List[dict], s
           val_rows: Optional[List[dict]] = None) -> dict:
     """Train the conf's stage on rows; with val_rows, validate and keep work_dir/output_best as it goes.
     Returns the run summary (the resolved conf, data counts, iterations, the best validation)."""
-    from utils.patches.checkpoints import trainer_state_loading
+    from utils.core.checkpoint_files import trainer_state_loading
     from utils.patches.console import detach_file_logs
     from utils.training.validation import ValidationHook
 

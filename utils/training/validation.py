@@ -41,24 +41,6 @@ logger = logging.getLogger(__name__)
 LOGGED = ('CIDEr', 'Bleu_4', 'METEOR', 'ROUGE_L', 'style_accuracy_top1')  # the figures of the log line
 
 
-def load_val_rows(conf, style_map, checks=None) -> List[dict]:
-    """The val rows validation captions (the first ``val_max_samples``), read before training starts. Rows of
-    a style the model is not trained with cannot be captioned: they are skipped, counted and named. ``checks``:
-    the image verdicts remembered in work_dir (utils/data/image_checks.py), as for the train rows."""
-    from utils.data.rows import load_split
-
-    rows, _ = load_split(conf, 'val', limit=conf.validation.val_max_samples, checks=checks)
-    known = [r for r in rows if r['style'] in style_map.tokens]
-    if len(known) < len(rows):
-        unknown = sorted({r['style'] for r in rows} - set(style_map.tokens))
-        logger.warning('val: %d rows skipped, their style is not among the train styles: %s',
-                       len(rows) - len(known), ', '.join(unknown[:5]) + (', ...' if len(unknown) > 5 else ''))
-    if not known:
-        from utils.core.errors import DataError
-        raise DataError(f'val file {conf.data.split_path("val")}: no row has a style of the train split')
-    return known
-
-
 class LiveCaptioner:
     """The toolkit's batched generator around the model a trainer is training (its ``OfaForAllTasks``).
 
