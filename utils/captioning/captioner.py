@@ -70,6 +70,7 @@ class Captioner:
         self._channels_last = fast and isinstance(model, str) and self.device.type == 'cpu'
         if self._channels_last:
             self.model.model.encoder.embed_images.to(memory_format=torch.channels_last)
+        self._folded = None  # (the weights' fingerprint, the backbone with its BatchNorms folded): _backbone()
         self.precision = precision  # fp32, or bf16/fp16 autocast around generation (weights stay fp32)
         tok = self.model.tokenizer
         self.collate = partial(_collate, pad_idx=tok.pad_token_id, eos_idx=tok.eos_token_id)
@@ -107,17 +108,38 @@ class Captioner:
                             num_workers=num_workers, collate_fn=self.collate)
         captions: List[str] = []
         self.model.eval()
+        encoder = self.model.model.encoder
+        backbone = encoder.embed_images
         with torch.inference_mode(), autocast(self.precision, self.device.type):
-            for batch in tqdm(loader, desc='captioning', unit='batch', disable=not progress):
-                if self._channels_last:
-                    images = batch['net_input']['patch_images']
-                    batch['net_input']['patch_images'] = images.contiguous(memory_format=torch.channels_last)
-                out = self.model(batch)  # forward (generation) + postprocess
-                caps = out['caption']
-                if caps and isinstance(caps[0], str):  # postprocess unwraps a batch of one
-                    caps = [caps]
-                captions.extend(c[0] if isinstance(c, list) else c for c in caps)
+            if self._channels_last:
+                encoder.embed_images = self._backbone()
+            try:
+                for batch in tqdm(loader, desc='captioning', unit='batch', disable=not progress):
+                    if self._channels_last:
+                        images = batch['net_input']['patch_images']
+                        batch['net_input']['patch_images'] = images.contiguous(memory_format=torch.channels_last)
+                    out = self.model(batch)  # forward (generation) + postprocess
+                    caps = out['caption']
+                    if caps and isinstance(caps[0], str):  # postprocess unwraps a batch of one
+                        caps = [caps]
+                    captions.extend(c[0] if isinstance(c, list) else c for c in caps)
+            finally:
+                encoder.embed_images = backbone
         return captions
+
+    def _backbone(self):
+        """The image backbone captioning runs: ModelScope's ResNet with each BatchNorm folded into the convolution
+        before it (in eval mode a BatchNorm is a per-channel affine map, so the folded convolution computes the same
+        function up to float rounding, with one pass over every feature map less), channels-last. A copy, built
+        from the model's current weights and built again when they change (a checkpoint loaded, a training step):
+        the model itself, its state dict and its checkpoints are untouched. Any other backbone runs as it is."""
+        from utils.patches.generation import fold_batch_norms
+        source = self.model.model.encoder.embed_images
+        tensors = [*source.parameters(), *source.buffers()]
+        fingerprint = tuple((t.data_ptr(), t._version) for t in tensors)
+        if self._folded is None or self._folded[0] != fingerprint:
+            self._folded = (fingerprint, fold_batch_norms(source))
+        return self._folded[1]
 
 
 def _collate(samples, pad_idx, eos_idx):
