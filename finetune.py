@@ -109,16 +109,18 @@ def build_style_map(conf: Conf, rows: List[dict], checkpoint: Optional[str]):
     return style_map
 
 
-def preload(mode: str) -> None:
-    """Import what the run will use (torch, ModelScope's model, preprocessors and trainer): the start-up's longest
-    step, done while the data is read beside it."""
-    from modelscope.models.multi_modal import ofa_for_all_tasks  # noqa: F401 - the model
-    from utils.captioning import preprocessor  # noqa: F401 - ModelScope's OFA preprocessors
-    if mode == 'train':
-        from utils.training import recipe_trainer, stages, validation  # noqa: F401 - ModelScope's OFATrainer
-    else:
-        from utils.captioning import captioner  # noqa: F401
-        from utils.evaluation import results  # noqa: F401
+def preload(mode: str, stop=lambda: False) -> None:
+    """Import what the run will use (torch, ModelScope's model, preprocessors and trainer), the start-up's longest
+    step, while the data is read beside it; it stops early when ``stop()`` says so (the reading ended, maybe with
+    an error to show at once). What is not imported here is imported where it is used."""
+    import importlib
+    modules = ['torch', 'modelscope.models.multi_modal.ofa_for_all_tasks', 'utils.captioning.preprocessor']
+    modules += (['utils.training.recipe_trainer', 'utils.training.stages', 'utils.training.validation'] if mode == 'train'
+                else ['utils.captioning.captioner', 'utils.evaluation.results'])
+    for name in modules:
+        if stop():
+            return
+        importlib.import_module(name)
 
 
 def write_summary(conf: Conf, stamp: str, summary: dict) -> str:
@@ -160,10 +162,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         from utils.core.beside import Beside
         from utils.data.image_checks import ImageChecks
         # the checkpoint and the data are read in a child process while this one imports torch and ModelScope
-        reading = Beside(read_inputs, conf, args.mode, getattr(args, 'n_samples', None), args.checkpoint,
-                         ImageChecks(conf.run.work_dir))
-        preload(args.mode)
-        checkpoint, rows, stats, style_map, val_rows, checks = reading.result()
+        with Beside(read_inputs, conf, args.mode, getattr(args, 'n_samples', None), args.checkpoint,
+                    ImageChecks(conf.run.work_dir)) as reading:
+            if reading.pid is not None:  # (without a child: the data first, then the imports where they are used)
+                preload(args.mode, stop=reading.ended)
+            checkpoint, rows, stats, style_map, val_rows, checks = reading.result()
         return conf, checkpoint, rows, stats, style_map, val_rows, checks
 
     if args.mode == 'train' and distributed.launched():

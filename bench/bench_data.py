@@ -167,6 +167,8 @@ def probe(out: str, stop_after: int, finetune_argv) -> None:
     ``stop_after`` write the figures to ``out`` and end the process (os._exit: a kill, as a preemption)."""
     import functools
     import importlib
+    import importlib.abc
+    import importlib.util
 
     t_command = float(os.environ['BENCH_T0'])
     timings = {}  # step -> [seconds, calls]
@@ -230,8 +232,6 @@ def probe(out: str, stop_after: int, finetune_argv) -> None:
             spec.loader.exec_module = exec_and_time
             return spec
 
-    import importlib.abc
-    import importlib.util
     sys.meta_path.insert(0, TimerFinder())
     import finetune
     for module in list(pending):  # those the command imported already (finetune's own imports)

@@ -24,6 +24,21 @@ def _fail(message):
     raise DataError(message)
 
 
+class _BadRow(DataError):
+    def __init__(self, row, reason):  # bad input that pickle cannot re-create
+        super().__init__(f'row {row}: {reason}')
+
+
+def _fail_bad_row():
+    raise _BadRow(3, 'image missing')
+
+
+def _sleep_then(value):
+    import time
+    time.sleep(60)
+    return value
+
+
 class _Unpicklable(Exception):
     def __init__(self, a, b):  # pickle re-creates it with one argument: it cannot travel as it is
         super().__init__(f'{a} and {b}')
@@ -109,3 +124,35 @@ def test_finetune_reads_the_data_in_a_child_and_reports_a_bad_file_as_before(tmp
             errors = [line for line in p.stderr.splitlines() if line.startswith('error:')]
             assert errors == [f'error: train file {data / "train.json"} must hold a JSON list of rows, got dict']
     assert not (tmp_path / 'work').exists()
+
+
+@pytest.mark.unit
+def test_ended_tells_a_finished_child_without_waiting_for_it():
+    import time
+    job = Beside(_fail, 'bad row', fork=True)
+    deadline = time.time() + 30
+    while not job.ended():
+        assert time.time() < deadline
+        time.sleep(0.01)
+    with pytest.raises(DataError, match='bad row'):
+        job.result()
+    assert not Beside(_pid_and, 1, fork=False).ended()  # no child: nothing ends early
+
+
+@pytest.mark.unit
+def test_bad_input_that_cannot_travel_is_still_bad_input():
+    from utils.core.errors import BadInput
+    with pytest.raises(BadInput) as e:  # exit 2, as in the parent
+        Beside(_fail_bad_row, fork=True).result()
+    assert str(e.value) == 'row 3: image missing'
+
+
+@pytest.mark.unit
+def test_leaving_the_block_without_the_result_ends_the_child():
+    """The parent failed (or was interrupted) while the child read: the child does not outlive it."""
+    with pytest.raises(KeyError):
+        with Beside(_sleep_then, 'x' * 1_000_000, fork=True) as job:
+            raise KeyError('the parent failed')
+    with pytest.raises(ChildProcessError):  # reaped
+        os.waitpid(job.pid, os.WNOHANG)
+    assert job.ended()

@@ -160,3 +160,52 @@ def test_a_loaded_model_runs_its_resnet_channels_last_with_the_stock_captions_an
     assert fast.caption(items, batch_size=3, progress=False) == stock.caption(items, batch_size=3, progress=False)
     handed = Captioner(stock.model, stock.generation, style_map=stock.style_map)
     assert all(m.weight.is_contiguous() for m in convs(handed))
+
+
+def test_the_folded_resnet_computes_what_the_model_does_and_follows_its_weights(model_dir, items):
+    """The BatchNorms folded into the convolutions (with running statistics and affine terms far from the identity)
+    give the backbone's output within float rounding; caption() puts the model's own backbone back (after an error
+    too) and leaves its state dict alone; new weights (a checkpoint loaded) are folded again: the captions are those
+    of a Captioner built on the new weights."""
+    import torch
+
+    from utils.patches.generation import fold_batch_norms
+    fast, _ = captioners(model_dir)
+    backbone = fast.model.model.encoder.embed_images
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in backbone.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=gen))
+                m.running_var.copy_(torch.rand(n, generator=gen) * 3 + 0.2)
+                m.weight.copy_(torch.randn(n, generator=gen))
+                m.bias.copy_(torch.randn(n, generator=gen))
+    folded = fold_batch_norms(backbone)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(3, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        want, got = backbone.eval()(x), folded(x)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item()), (got - want).abs().max()
+
+    keys = list(fast.model.model.state_dict())
+    fast.caption(items[:4], batch_size=2, progress=False)
+    built = fast._folded[1]
+    assert fast.model.model.encoder.embed_images is backbone and list(fast.model.model.state_dict()) == keys
+    with pytest.raises((OSError, ValueError)):  # the image loader's error for a missing file
+        fast.caption([{'image': '/no/such/image.jpg', 'style': STYLES[0]}], progress=False)
+    assert fast.model.model.encoder.embed_images is backbone
+
+    # new weights, loaded as load_checkpoint does (load_state_dict): the fold follows them
+    state = {k: v.clone() for k, v in fast.model.model.state_dict().items()}
+    for k, v in state.items():
+        if k.startswith('encoder.embed_images.') and v.dim() == 4:  # the convolutions' weights
+            v.mul_(-1.5)
+    fast.model.model.load_state_dict(state)
+    again = fast.caption(items[:4], batch_size=2, progress=False)
+    assert fast._folded[1] is not built  # folded again from the new weights
+    fresh, _ = captioners(model_dir)
+    fresh.model.model.load_state_dict(state)
+    assert again == fresh.caption(items[:4], batch_size=2, progress=False)
+    refolded = fold_batch_norms(fast.model.model.encoder.embed_images)
+    assert all(torch.equal(a, b) for a, b in zip(fast._folded[1].state_dict().values(), refolded.state_dict().values()))

@@ -57,6 +57,27 @@ def test_resume_continues_from_the_saved_iteration(trained_copy):
     assert json.loads(summaries[-1].read_text())['iterations'] == 12
 
 
+def test_resume_mid_epoch_skips_the_trained_batches_without_loading_them(trained_copy):
+    """iter_9 is the 3rd of the 6 iterations of epoch 2: the resumed run trains iterations 10..12 of that epoch and
+    loads none of the 3 batches trained before the checkpoint (ModelScope's loop loaded all 6)."""
+    from utils.data.dataset import StylishCaptionDataset
+    conf_path, work = trained_copy
+    loaded = []
+    get = StylishCaptionDataset.__getitem__
+
+    def counted(self, index):
+        loaded.append(index)
+        return get(self, index)
+    StylishCaptionDataset.__getitem__ = counted
+    try:
+        assert finetune.main(['train', '--conf', conf_path, '-p', str(work / 'iter_9'), '-w', '0']) == 0
+    finally:
+        StylishCaptionDataset.__getitem__ = get
+    resumed = [e for e in read_log_json(work) if e.get('mode') == 'train']
+    assert [e['iter'] for e in resumed] == [4, 5, 6] and all(e['epoch'] == 2 for e in resumed)  # 10..12 overall
+    assert len(loaded) == 3 * 8  # the 3 batches of 8 it trained, none of the 3 it skipped
+
+
 def test_latest_checkpoint_is_found(trained):
     assert finetune.resolve_checkpoint('latest', str(trained[1])) == str(trained[1] / 'iter_12')
     assert finetune.resolve_checkpoint(str(trained[1] / 'iter_9.pth'), '') == str(trained[1] / 'iter_9')

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from functools import partial
 from typing import List, Optional, Sequence
 
@@ -71,6 +72,7 @@ class Captioner:
         if self._channels_last:
             self.model.model.encoder.embed_images.to(memory_format=torch.channels_last)
         self._folded = None  # (the weights' fingerprint, the backbone with its BatchNorms folded): _backbone()
+        self._lock = threading.Lock()  # one caption() at a time: it swaps the backbone and reuses the generator
         self.precision = precision  # fp32, or bf16/fp16 autocast around generation (weights stay fp32)
         tok = self.model.tokenizer
         self.collate = partial(_collate, pad_idx=tok.pad_token_id, eos_idx=tok.eos_token_id)
@@ -110,7 +112,7 @@ class Captioner:
         self.model.eval()
         encoder = self.model.model.encoder
         backbone = encoder.embed_images
-        with torch.inference_mode(), autocast(self.precision, self.device.type):
+        with self._lock, torch.inference_mode(), autocast(self.precision, self.device.type):
             if self._channels_last:
                 encoder.embed_images = self._backbone()
             try:
@@ -136,8 +138,11 @@ class Captioner:
         from utils.patches.generation import fold_batch_norms
         source = self.model.model.encoder.embed_images
         tensors = [*source.parameters(), *source.buffers()]
-        fingerprint = tuple((t.data_ptr(), t._version) for t in tensors)
-        if self._folded is None or self._folded[0] != fingerprint:
+        if any(t.is_inference() for t in tensors):  # (a model built under inference_mode: no version counters)
+            fingerprint = None  # built again at every call
+        else:
+            fingerprint = tuple((t.data_ptr(), t._version) for t in tensors)
+        if self._folded is None or fingerprint is None or self._folded[0] != fingerprint:
             self._folded = (fingerprint, fold_batch_norms(source))
         return self._folded[1]
 

@@ -31,20 +31,33 @@ def can_fork() -> bool:
 
 
 class ChildDied(RuntimeError):
-    """The child process ended without handing back a value (killed, out of memory)."""
+    """The child process ended without handing back a whole value (killed, out of memory)."""
+
+
+def _transferable_error(value: BaseException, problem: Exception) -> BaseException:
+    """What travels instead of an exception pickle cannot re-create: its type and message, as bad input (exit 2)
+    when it was bad input."""
+    from utils.core.errors import BadInput
+    message = f'{type(value).__name__}: {value}'
+    return BadInput(str(value)) if isinstance(value, BadInput) else RuntimeError(message or repr(problem))
 
 
 class Beside:
     """``Beside(fn, *args, **kwargs)`` starts ``fn(*args, **kwargs)`` in a forked child (when :func:`can_fork`,
     or ``fork=True``); :meth:`result` waits for its value (or raises its exception). The value and the exception
-    travel pickled; an exception that cannot be pickled arrives as a RuntimeError with its type and message.
-    ``seconds`` is the time fn took (in the child or here), ``waited`` the time :meth:`result` blocked."""
+    travel pickled; an exception that cannot be pickled arrives with its type and message (bad input stays bad
+    input). ``seconds`` is the time fn took (in the child or here), ``waited`` the time :meth:`result` blocked.
+
+    Use it as a context manager: leaving the block without having taken the result (the parent failed, or was
+    interrupted, meanwhile) ends the child and reaps it, so no reader outlives its command."""
 
     def __init__(self, fn: Callable[..., Any], *args, fork: Optional[bool] = None, **kwargs):
         self._call = (fn, args, kwargs)
         self.pid: Optional[int] = None
         self.seconds = self.waited = 0.0
         self._done = False
+        self._status: Optional[int] = None  # the child's wait status, once reaped
+        self._read_fd: Optional[int] = None
         if not (can_fork() if fork is None else fork):
             return
         sys.stdout.flush()
@@ -52,28 +65,71 @@ class Beside:
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: compute, send, leave without running the parent's exit handlers
-            os.close(read_fd)
-            code = 0
+            code = 1
             try:
-                payload = self._run()
-                try:
-                    blob = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
-                    if not payload[0]:
-                        pickle.loads(blob)  # an exception whose arguments do not re-create it fails only here
-                except Exception as e:  # noqa: BLE001 - an exception (or value) pickle cannot carry
-                    ok, value, trace, seconds = payload
-                    error = RuntimeError(f'{type(value).__name__}: {value}' if not ok else f'value not transferable: {e}')
-                    blob = pickle.dumps((False, error, trace, seconds), protocol=pickle.HIGHEST_PROTOCOL)
-                with os.fdopen(write_fd, 'wb') as f:
-                    f.write(blob)
+                os.close(read_fd)
+                self._send(write_fd)
+                code = 0
             except BaseException:  # noqa: BLE001 - a parent that is gone (broken pipe): nothing to tell
-                code = 1
+                pass
             finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
+                try:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(code)
         os.close(write_fd)
         self.pid, self._read_fd = pid, read_fd
+
+    def _send(self, write_fd: int) -> None:
+        payload = self._run()
+        try:
+            blob = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+            if not payload[0]:
+                pickle.loads(blob)  # an exception whose arguments do not re-create it fails only here
+        except Exception as e:  # noqa: BLE001 - an exception (or value) pickle cannot carry
+            ok, value, trace, seconds = payload
+            error = (_transferable_error(value, e) if not ok else RuntimeError(f'value not transferable: {e}'))
+            blob = pickle.dumps((False, error, trace, seconds), protocol=pickle.HIGHEST_PROTOCOL)
+        with os.fdopen(write_fd, 'wb') as f:
+            f.write(blob)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.cancel()
+        return False
+
+    def cancel(self) -> None:
+        """End and reap a child whose result was not taken; close the pipe. Nothing to do once taken."""
+        if self._read_fd is not None:
+            os.close(self._read_fd)
+            self._read_fd = None
+        if self.pid is not None and self._status is None:
+            import signal
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._reap(block=True)
+
+    def _reap(self, block: bool) -> None:
+        try:
+            pid, status = os.waitpid(self.pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:  # reaped by someone else (SIGCHLD ignored): the pipe says how it ended
+            pid, status = self.pid, 0
+        if pid:
+            self._status = status
+
+    def ended(self) -> bool:
+        """Whether the child has ended already (a failure, or a value small enough for the pipe, waits there): the
+        parent can stop what it does beside and take it at once. Always False without a child."""
+        if self.pid is None:
+            return False
+        if self._status is None:
+            self._reap(block=False)
+        return self._status is not None
 
     def _run(self):
         fn, args, kwargs = self._call
@@ -104,10 +160,13 @@ class Beside:
         raise value
 
     def _receive(self):
-        with os.fdopen(self._read_fd, 'rb') as f:
+        fd, self._read_fd = self._read_fd, None
+        with os.fdopen(fd, 'rb') as f:
             blob = f.read()
-        _, status = os.waitpid(self.pid, 0)
-        if not blob:
-            how = (f'signal {os.WTERMSIG(status)}' if os.WIFSIGNALED(status) else f'exit status {os.WEXITSTATUS(status)}')
+        if self._status is None:
+            self._reap(block=True)
+        status = self._status
+        if os.WIFSIGNALED(status) or os.WEXITSTATUS(status) != 0 or not blob:  # killed, maybe mid-write
+            how = f'signal {os.WTERMSIG(status)}' if os.WIFSIGNALED(status) else f'exit status {os.WEXITSTATUS(status)}'
             raise ChildDied(f'the process reading beside the start-up (pid {self.pid}) ended without a result ({how})')
         return pickle.loads(blob)

@@ -77,6 +77,8 @@ class SkipTrainedBatches:
         return len(self.loader)
 
     def __getattr__(self, name):  # dataset, sampler, batch_size, ...: the loader's
+        if name == 'loader':  # (not set yet: a copy being built)
+            raise AttributeError(name)
         return getattr(self.loader, name)
 
     def __iter__(self):
