@@ -26,6 +26,11 @@ stand-in (:class:`_FastOFA`) that does the same arithmetic without the work that
    every n-gram of every hypothesis at every step (and on a GPU copies the tokens to the host). The vectorised
    version compares all windows of the prefix at once and bans exactly the same tokens.
 
+6. **The CPU's fast layouts.** The vocabulary projection is computed as ``weight @ x.T`` (:func:`_vocab_logits`: the
+   same dot products; the CPU's GEMM runs that shape ~1.5x faster), and :func:`fold_batch_norms` gives the
+   Captioner a copy of the ResNet with each BatchNorm folded into its convolution (float rounding apart, the same
+   function; utils/captioning/captioner.py swaps it in for a model it loaded itself).
+
 :func:`speed_up` installs them on one generator instance; nothing global is patched, the model and its weights are
 untouched (a model being trained, as in SCST, is read afresh at every call). A call the stand-in does not cover (a
 model in training mode, prefix tokens, constraints, code or box generation, an ensemble) runs the stock path, with
