@@ -34,12 +34,11 @@ class ChildDied(RuntimeError):
     """The child process ended without handing back a whole value (killed, out of memory)."""
 
 
-def _transferable_error(value: BaseException, problem: Exception) -> BaseException:
+def _transferable_error(value: BaseException) -> BaseException:
     """What travels instead of an exception pickle cannot re-create: its type and message, as bad input (exit 2)
     when it was bad input."""
     from utils.core.errors import BadInput
-    message = f'{type(value).__name__}: {value}'
-    return BadInput(str(value)) if isinstance(value, BadInput) else RuntimeError(message or repr(problem))
+    return BadInput(str(value)) if isinstance(value, BadInput) else RuntimeError(f'{type(value).__name__}: {value}')
 
 
 class Beside:
@@ -89,7 +88,7 @@ class Beside:
                 pickle.loads(blob)  # an exception whose arguments do not re-create it fails only here
         except Exception as e:  # noqa: BLE001 - an exception (or value) pickle cannot carry
             ok, value, trace, seconds = payload
-            error = (_transferable_error(value, e) if not ok else RuntimeError(f'value not transferable: {e}'))
+            error = _transferable_error(value) if not ok else RuntimeError(f'value not transferable: {e}')
             blob = pickle.dumps((False, error, trace, seconds), protocol=pickle.HIGHEST_PROTOCOL)
         with os.fdopen(write_fd, 'wb') as f:
             f.write(blob)

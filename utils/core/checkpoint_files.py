@@ -1,6 +1,6 @@
 """The checkpoints a work_dir holds (CheckpointHook's ``iter_N.pth`` + ``iter_N_trainer_state.pth`` and the
-toolkit's ``iter_N.sha256``): listing and deleting them, and loading their trainer state. No ModelScope import: ``-p latest`` is resolved before
-any heavy import."""
+toolkit's ``iter_N.sha256``): listing and deleting them, and loading their trainer state. No ModelScope import:
+``-p latest`` is resolved before, or beside, any heavy import."""
 from __future__ import annotations
 
 import contextlib

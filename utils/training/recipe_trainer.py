@@ -71,7 +71,6 @@ class SkipTrainedBatches:
 
     def __init__(self, loader, trainer):
         self.loader, self.trainer = loader, trainer
-        self.skipped = 0  # batches skipped by index in this run (0 when it did not resume mid-epoch)
 
     def __len__(self):
         return len(self.loader)
@@ -94,7 +93,6 @@ class SkipTrainedBatches:
                           multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
                           prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers,
                           pin_memory_device=loader.pin_memory_device)
-        self.skipped += skip
         logger.info('resuming at batch %d of the epoch: the %d trained batches are skipped without loading them',
                     skip + 1, skip)
         for _ in range(skip):
