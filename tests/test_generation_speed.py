@@ -56,15 +56,15 @@ def hypotheses(captioner, items):
         return captioner.model.generator.generate([captioner.model.model], batch)
 
 
-def assert_same_hypotheses(ours, theirs):
+def assert_same_hypotheses(ours, theirs, tolerance=1e-5):
     import torch
     assert len(ours) == len(theirs)
     for a_sent, b_sent in zip(ours, theirs):
         assert len(a_sent) == len(b_sent)
         for a, b in zip(a_sent, b_sent):
             assert torch.equal(a['tokens'], b['tokens'])
-            assert torch.allclose(a['score'], b['score'], rtol=1e-5, atol=1e-5)
-            assert torch.allclose(a['positional_scores'], b['positional_scores'], rtol=1e-5, atol=1e-5)
+            assert torch.allclose(a['score'], b['score'], rtol=tolerance, atol=tolerance)
+            assert torch.allclose(a['positional_scores'], b['positional_scores'], rtol=tolerance, atol=tolerance)
 
 
 def test_same_hypotheses_as_the_stock_generator_when_sentences_finish_at_different_steps(model_dir, items):
@@ -85,6 +85,65 @@ def test_same_hypotheses_as_the_stock_generator_when_sentences_finish_at_differe
     assert len(finished_at) > 1, finished_at  # sentences really left the batch at different steps
     assert_same_hypotheses(ours, hypotheses(stock, items[:7]))
     assert fast.caption(items, batch_size=3) == stock.caption(items, batch_size=5)
+
+
+SETTINGS = {  # generator attributes the toolkit's conf does not reach but ModelScope's generator has
+    'temperature 0.7': dict(temperature=0.7), 'temperature 1.9': dict(temperature=1.9),
+    'unk penalty': dict(unk_penalty=-5.0), 'min_len 4': dict(min_len=4), 'min_len 0': dict(min_len=0),
+    'max_len_b 3': dict(max_len_b=3), 'max_len_b 0': dict(max_len_b=0, min_len=0),
+    'match_source_len': dict(match_source_len=True), 'max_len_a': dict(max_len_a=0.3, max_len_b=2),
+    'ignore_eos': dict(ignore_eos=True, max_len_b=5), 'beam 1': dict(beam_size=1), 'beam 2': dict(beam_size=2),
+    'beam 5': dict(beam_size=5),
+}
+
+
+def test_same_hypotheses_as_the_stock_generator_under_every_generator_setting(model_dir, items):
+    """The loop's handling of each setting of ModelScope's SequenceGenerator (temperature, unk penalty, min and max
+    length, match_source_len, ignore_eos, beam sizes) against the stock loop, with sentences finishing at different
+    steps (an end-of-sentence bias)."""
+    fast, stock = captioners(model_dir, mask_image_tokens=False)
+    fast, stock = captioners(model_dir, bias={fast.model.tokenizer.eos_token_id: 2.0}, mask_image_tokens=False)
+    defaults = {k: getattr(stock.model.generator, k) for k in
+                ('temperature', 'unk_penalty', 'min_len', 'max_len_a', 'max_len_b', 'match_source_len', 'ignore_eos',
+                 'beam_size')}
+    for name, setting in SETTINGS.items():
+        for c in (fast, stock):
+            for key, value in {**defaults, **setting}.items():
+                setattr(c.model.generator, key, value)
+        ours, theirs = hypotheses(fast, items[:6]), hypotheses(stock, items[:6])
+        assert all(sent for sent in theirs), name
+        try:
+            assert_same_hypotheses(ours, theirs)
+        except AssertionError as e:
+            raise AssertionError(f'{name}: {e}') from e
+
+
+@pytest.mark.parametrize('how', ['a bf16 model', 'bf16 autocast'])
+def test_same_hypotheses_as_the_stock_generator_in_bfloat16(model_dir, items, how):
+    """Logits in bfloat16 (the conf's precision bf16, i.e. autocast, or a model converted to it): log-softmax and the
+    scores in float32 as the stock model computes them, the stock candidate arithmetic (bf16 logits tie often), and
+    the stock generator's best hypotheses."""
+    import torch
+
+    from utils.core.device import autocast
+    fast, stock = captioners(model_dir, mask_image_tokens=False)
+
+    def run(c):
+        batch = c.collate([c.preprocessor(item) for item in items[:6]])
+        if how == 'a bf16 model':
+            c.model.model.to(torch.bfloat16)
+            batch['net_input']['patch_images'] = batch['net_input']['patch_images'].to(torch.bfloat16)
+        with torch.inference_mode(), autocast('bf16' if how == 'bf16 autocast' else 'fp32', 'cpu'):
+            return c.model.generator.generate([c.model.model], batch)
+    ours, theirs = run(fast), run(stock)
+    assert all(h['score'].dtype == torch.float32 for sent in ours + theirs for h in sent)
+    # the decoder's products are rounded to bf16 (2^-8), and the stock decoder re-runs the whole prefix where ours
+    # reads the key/value cache, in another order: near-equal beams can swap; the best hypotheses score the same
+    # within that rounding, and here the best hypotheses are the stock ones
+    same = [torch.equal(a[0]['tokens'], b[0]['tokens']) for a, b in zip(ours, theirs)]
+    assert all(same), same  # (here; a lower beam may differ)
+    for a, b in zip(ours, theirs):
+        assert abs(a[0]['score'] - b[0]['score']) <= 8e-3 * abs(b[0]['score'])
 
 
 def test_masked_captions_hold_no_image_token_and_equal_the_stock_search_over_text(model_dir, items):
@@ -162,14 +221,17 @@ def test_a_loaded_model_runs_its_resnet_channels_last_with_the_stock_captions_an
     assert all(m.weight.is_contiguous() for m in convs(handed))
 
 
-def test_the_folded_resnet_computes_what_the_model_does_and_follows_its_weights(model_dir, items):
-    """The BatchNorms folded into the convolutions (with running statistics and affine terms far from the identity)
-    give the backbone's output within float rounding; caption() puts the model's own backbone back (after an error
+def test_the_folded_resnet_computes_what_the_model_does_and_follows_its_weights(model_dir, items, monkeypatch):
+    """The BatchNorms folded into the convolutions (with running statistics and affine terms far from the identity),
+    the ReLUs fused and the residuals added in place give the backbone's output within float rounding; caption() puts the model's own backbone back (after an error
     too) and leaves its state dict alone; new weights (a checkpoint loaded) are folded again: the captions are those
     of a Captioner built on the new weights."""
     import torch
 
-    from utils.patches.generation import fold_batch_norms
+    from modelscope.models.multi_modal.ofa.resnet import Bottleneck
+
+    from utils.core.device import autocast
+    from utils.patches.generation import _ConvReLU, _FoldedBottleneck, fold_batch_norms
     fast, _ = captioners(model_dir)
     backbone = fast.model.model.encoder.embed_images
     gen = torch.Generator().manual_seed(0)
@@ -183,13 +245,39 @@ def test_the_folded_resnet_computes_what_the_model_does_and_follows_its_weights(
                 m.bias.copy_(torch.randn(n, generator=gen))
     folded = fold_batch_norms(backbone)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, _FoldedBottleneck) for m in folded.modules()) == sum(
+        isinstance(m, Bottleneck) for m in backbone.modules()) > 0
+    assert isinstance(folded.conv1, _ConvReLU)  # the stem
     x = torch.randn(3, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        want, got = backbone.eval()(x), folded(x)
-    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item()), (got - want).abs().max()
+    images = x.clone()
+    fused_calls = []
+    fused_op = torch.ops.mkldnn._convolution_pointwise
 
+    def spy(*args):
+        fused_calls.append(args[0].shape)
+        return fused_op(*args)
+    with torch.inference_mode():
+        want = backbone.eval()(x)
+        monkeypatch.setattr(torch.ops.mkldnn, '_convolution_pointwise', spy)
+        got = folded(x)  # the oneDNN convolutions with ReLU fused (as in caption())
+        n_fused = len(fused_calls)
+        with autocast('bf16', 'cpu'):  # autocast: the plain convolutions, in bf16
+            low = folded(x)
+    assert n_fused == 1 + 2 * sum(isinstance(m, Bottleneck) for m in backbone.modules()) == len(fused_calls)
+    assert low.dtype == torch.bfloat16 and torch.allclose(low.float(), want, rtol=0.1, atol=0.1 * want.abs().max())
+    assert torch.equal(x, images)  # the in-place residuals never touch the caller's images
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item()), (got - want).abs().max()
+    assert torch.allclose(folded(x), got, rtol=1e-5, atol=1e-5 * want.abs().max().item())  # grad on: plain ReLU
+    assert len(fused_calls) == n_fused
+
+    assert not any(m.training for m in folded.modules())
     keys = list(fast.model.model.state_dict())
+    from utils.patches import beam_search
+    searches = []
+    run_search = beam_search.beam_search
+    monkeypatch.setattr(beam_search, 'beam_search', lambda *a, **k: searches.append(1) or run_search(*a, **k))
     fast.caption(items[:4], batch_size=2, progress=False)
+    assert len(searches) == 2  # with the folded ResNet swapped in, the search is still the toolkit's loop
     built = fast._folded[1]
     assert fast.model.model.encoder.embed_images is backbone and list(fast.model.model.state_dict()) == keys
     with pytest.raises((OSError, ValueError)):  # the image loader's error for a missing file

@@ -227,9 +227,51 @@ def test_vectorised_ngram_blocker_bans_what_the_stock_one_bans(n):
     assert banned_any > 0  # the comparison exercised real bans
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize('seed', range(6))
+def test_beam_search_candidates_are_the_stock_beam_search_step(seed):
+    """utils.patches.beam_search.candidates (each row's best first, then the hypotheses' scores added) against the
+    stock BeamSearch.step over all beam x vocabulary sums, after the stock loop's NaN write: same scores, tokens and
+    beams (of the candidates that are not -inf), at the first step (one row per sentence) and later, with -inf
+    (banned) entries, a small vocabulary where k is bounded by V - 1, and a row that is all NaN (a NaN logit) while its sentence's other rows are not."""
+    import math
+    from types import SimpleNamespace
+
+    import torch
+    from modelscope.models.multi_modal.ofa.generate.search import BeamSearch
+
+    from utils.patches.beam_search import candidates
+    gen = torch.Generator().manual_seed(seed)
+    bsz, beam, vocab = 3, 4, (37 if seed % 2 else 3)
+    tokenizer = SimpleNamespace(pad_token_id=1, unk_token_id=3, eos_token_id=2,
+                                get_vocab=lambda: {str(i): i for i in range(vocab)}, get_added_vocab=lambda: {})
+    stock = BeamSearch(tokenizer)
+    for step in (0, 5):
+        rows = bsz if step == 0 else bsz * beam
+        lprobs = torch.log_softmax(torch.randn(rows, vocab, generator=gen) * 3, -1)
+        lprobs[:, 1] = -math.inf
+        lprobs[torch.rand(rows, vocab, generator=gen) < 0.2] = -math.inf
+        if step:
+            lprobs[beam + 1] = math.nan  # sentence 1's beam 1
+        scores = torch.randn(bsz * beam, step + 1, generator=gen).cumsum(1) * -1
+        theirs = lprobs.clone()
+        theirs[theirs != theirs] = -math.inf
+        if step == 0:  # the stock loop hands every beam's row; they are equal at the first step
+            theirs = theirs.repeat_interleave(beam, 0)
+        expected = stock.step(step, theirs.view(bsz, beam, vocab), scores.view(bsz, beam, -1)[:, :, :step])
+        got = candidates(lprobs, None if step == 0 else scores.view(bsz, beam, -1)[:, :, step - 1], bsz, 2 * beam)
+        assert torch.equal(expected[0], got[0]), (step, expected[0], got[0])
+        finite = expected[0].isfinite()  # the order among -inf (never chosen) candidates is top-k's own
+        assert finite.sum() >= bsz
+        for want, have in zip(expected[1:], got[1:]):
+            assert torch.equal(want[finite], have[finite]), (step, want, have)
+        assert not torch.isnan(lprobs).any()  # the NaN row was written -inf, as the stock loop does
+
+
 @pytest.mark.integration
 def test_captioning_in_bf16(trained, test_rows):
-    """precision bf16: generation runs under autocast (the decoder's logits are bf16) and still captions."""
+    """precision bf16: generation runs under autocast (the decoder's products, the logits included, are bf16) and
+    still captions."""
     import torch
 
     from utils.captioning.captioner import load_captioner

@@ -13,10 +13,10 @@ HOOK_POINTS = [
     ('modelscope.trainers.trainer', None, 'check_local_model_is_latest', 'hub_check'),
     ('modelscope.models.multi_modal.ofa.generate.ngram_repeat_block', 'NGramRepeatBlock', '_no_repeat_ngram',
      'generation'),
-    ('modelscope.models.multi_modal.ofa.modeling_ofa', 'OFADecoder', 'reorder_incremental_state_scripting',
-     'generation'),
     ('modelscope.models.multi_modal.ofa.generate.sequence_generator', 'SequenceGenerator', '_generate', 'generation'),
-    ('modelscope.models.multi_modal.ofa.modeling_ofa', 'OFAEncoder', 'reorder_encoder_out', 'generation'),
+    ('modelscope.models.multi_modal.ofa.generate.sequence_generator', 'SequenceGenerator', 'finalize_hypos',
+     'generation'),
+    ('modelscope.models.multi_modal.ofa.generate.search', None, 'BeamSearch', 'generation'),
     *[('modelscope.trainers.hooks.checkpoint.checkpoint_processor', 'CheckpointProcessor', attr, 'checkpoints')
       for attr in ('prepare_output', 'save_model_state', 'save_trainer_state', 'link')],
     *[('modelscope.trainers.hooks.optimizer.base', 'OptimizerProcessor', attr, 'train_step')

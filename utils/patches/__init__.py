@@ -11,6 +11,7 @@ patch naming what differs (see :func:`check_modelscope`), never a silent wrong r
 | decoder key/value cache | ``generation`` | the OFA ``SequenceGenerator`` drops the cache the decoder returns and re-decodes the whole prefix at every step |
 | cross-attention keys/values once per image, one reorder a step, position biases for the new position only | ``generation`` | the stock search reorders the whole cache (cross-attention and encoder output included, the same for every beam of an image) at every step, twice |
 | ``<code_k>``/``<bin_k>`` rows sliced off the output projection (``mask_image_tokens``) | ``generation`` | an undertrained or pretrain model emits image-code tokens as words (``code7477 code7477``) |
+| the beam search loop for a covered call: one buffer for the vocabulary-sized work, candidates per row first, one row per sentence at the first step | ``beam_search`` (installed by ``generation``) | the stock loop makes ~10 passes per step over ``rows x vocabulary`` floats (NaN check, a copy and write-back around the n-gram blocker, ``lprobs + scores``), each into a new tensor |
 | vectorised no-repeat-n-gram blocker | ``generation`` | the stock blocker loops over every hypothesis in Python (and copies tokens to the host on a GPU) |
 | atomic checkpoints, ``output.partial``, pipeline/preprocessor type in the saved ``configuration.json`` | ``checkpoints`` | a kill mid-save left half-written files; ``CheckpointHook`` rewrites ``pipeline.type`` to the task at every save |
 | checksummed checkpoints and ``output/``; ``output/`` a copy, not a hard link | ``checkpoints`` | nothing recorded what a checkpoint held (a damaged one resumed silently); damage to the newest checkpoint was damage to ``output/`` |
@@ -86,13 +87,12 @@ RELIES_ON: Dict[str, Dict[str, Callable[[], bool]]] = {
     'generation': {
         'SequenceGenerator.repeat_ngram_blocker (set in __init__), NGramRepeatBlock._no_repeat_ngram':
             _has('modelscope.models.multi_modal.ofa.generate.ngram_repeat_block.NGramRepeatBlock', '_no_repeat_ngram'),
-        'OFA decoder reorder_incremental_state_scripting':
-            _has('modelscope.models.multi_modal.ofa.modeling_ofa.OFADecoder', 'reorder_incremental_state_scripting'),
-        'SequenceGenerator._generate (run with a stand-in model: vocab_size, encoder.forward, '
-        'reorder_encoder_out, decoder.forward, get_normalized_probs, padding_idx)':
-            _has('modelscope.models.multi_modal.ofa.generate.sequence_generator.SequenceGenerator', '_generate'),
-        'OFAEncoder.reorder_encoder_out':
-            _has('modelscope.models.multi_modal.ofa.modeling_ofa.OFAEncoder', 'reorder_encoder_out'),
+        'SequenceGenerator._generate (the stock path, for calls beam_search does not cover) and finalize_hypos '
+        '(which records beam_search\'s finished hypotheses)':
+            _has('modelscope.models.multi_modal.ofa.generate.sequence_generator.SequenceGenerator', '_generate',
+                 'finalize_hypos'),
+        'search.BeamSearch (the search beam_search reproduces)':
+            _has('modelscope.models.multi_modal.ofa.generate.search', 'BeamSearch'),
     },
     'checkpoints': {
         'CheckpointProcessor.prepare_output, save_checkpoints, save_model_state, save_trainer_state, link, '

@@ -1,50 +1,56 @@
-"""Repairs to ModelScope's OFA ``SequenceGenerator`` for batched captioning; its search is unchanged.
+"""Repairs to ModelScope's OFA ``SequenceGenerator`` for batched captioning: the stock beam search and its results
+(the same tokens; the same scores up to float rounding), without the work it does not need.
 
-The stock generator's loop (``SequenceGenerator._generate``: beam bookkeeping, ``BeamSearch`` or ``Sampling``,
-finalisation, scores) runs as shipped. What it calls on the model is replaced, for the duration of one call, by a
-stand-in (:class:`_FastOFA`) that does the same arithmetic without the work that beam search does not need:
+A covered call (below) runs :func:`utils.patches.beam_search.beam_search`, the stock loop
+(``SequenceGenerator._generate`` with ``BeamSearch``) step for step, which the stock generator's own
+``finalize_hypos`` records the hypotheses of, with these changes:
 
 1. **Decoder key/value cache.** The stock generator hands the decoder an empty incremental state at every step and
-   drops the cache the decoder returns: each step re-ran the whole prefix through every decoder layer. The stand-in
-   keeps the self-attention keys and values and decodes one token per step.
+   drops the cache the decoder returns: each step re-ran the whole prefix through every decoder layer. Here the
+   self-attention keys and values are kept and one token per step is decoded (``IncrementalDecoder``).
 2. **Cross-attention per image, not per beam.** The image's cross-attention keys and values (every decoder layer)
    and its positional keys are computed once per image, at the first step, and every beam of that image attends
    to the same tensors: they are never reordered when beams are, only re-indexed when finished sentences leave the
    batch. The stock path computed them for each of the ``beam`` copies, recomputed the positional keys (a
    ``d_model x d_model`` projection of every source position) for every beam at every step, and reordered all of it
    (and the encoder output with every layer's hidden states, ``reorder_encoder_out``) at every step.
-3. **One position per step.** Position biases are computed for the new query position only (the stock decoder
-   computed them for every position of the prefix and kept the last row), once for all rows (they do not depend
-   on the tokens); no attention weights are averaged or recorded (``attention`` of a hypothesis is empty). Finished
-   sentences leave the batch as in the stock loop, and nothing is computed for them after.
+3. **One position per step, one row per sentence at the first.** Position biases are computed for the new query
+   position only (the stock decoder computed them for every position of the prefix and kept the last row), once
+   for all rows (they do not depend on the tokens); no attention weights are averaged or recorded (``attention``
+   of a hypothesis is empty). At the first step, where every beam holds the same prefix and the stock search reads
+   the first beam's row only, one row per sentence is decoded. Finished sentences leave the batch as in the stock
+   loop, and nothing is computed for them after.
 4. **Captions are text** (``mask_image_tokens``): OFA's 8,192 ``<code_k>`` image-code and 1,000 ``<bin_k>``
    location tokens are never generated. They are the last rows of the vocabulary, so the output projection is
-   sliced to the text rows (and the generator's ``vocab_size`` set to match for the call), which is the stock
-   search over logits whose image-token rows are ``-inf`` (:func:`mask_rows_hook` is that reference) at ~15% less
-   projection work.
+   sliced to the text rows, which is the stock search over logits whose image-token rows are ``-inf``
+   (:func:`mask_rows_hook` is that reference) at ~15% less projection work.
 5. **No-repeat n-gram blocking** (:class:`VectorisedNGramRepeatBlock`): the stock CPU path builds Python dicts of
    every n-gram of every hypothesis at every step (and on a GPU copies the tokens to the host). The vectorised
    version compares all windows of the prefix at once and bans exactly the same tokens.
-
-6. **The CPU's fast layouts.** The vocabulary projection is computed as ``weight @ x.T`` (:func:`_vocab_logits`: the
-   same dot products; the CPU's GEMM runs that shape ~1.5x faster), and :func:`fold_batch_norms` gives the
-   Captioner a copy of the ResNet with each BatchNorm folded into its convolution (float rounding apart, the same
-   function; utils/captioning/captioner.py swaps it in for a model it loaded itself).
+6. **Vocabulary-sized work.** The stock loop makes about ten passes per step over the ``rows x vocabulary``
+   log-probabilities, each into a new tensor; here the projection, log-softmax and the stock writes share one
+   buffer, and the candidates are the top ``2 x beam`` of each row before the hypotheses' scores are added (the
+   module docstring of ``beam_search`` says why these are the stock candidates).
+7. **The CPU's fast layouts.** The vocabulary projection is computed as ``weight @ x.T`` per block of vocabulary
+   rows (``beam_search.project``: the same dot products; the CPU's GEMM runs that shape ~1.5-2x faster), and
+   :func:`fold_batch_norms` gives the Captioner a copy of the ResNet with each BatchNorm folded into its
+   convolution, each ReLU fused with its convolution and the residuals added in place (float rounding apart, the
+   same function; utils/captioning/captioner.py swaps it in for a model it loaded itself).
 
 :func:`speed_up` installs them on one generator instance; nothing global is patched, the model and its weights are
-untouched (a model being trained, as in SCST, is read afresh at every call). A call the stand-in does not cover (a
-model in training mode, prefix tokens, constraints, code or box generation, an ensemble) runs the stock path, with
-the image-token rows set to ``-inf`` when masking is on. ``tests/test_inference.py`` and
-``tests/test_generation_speed.py`` check that tokens and scores are the stock generator's.
+untouched (a model being trained, as in SCST, is read afresh at every call). A call not covered (a model in training
+mode, a search other than ``BeamSearch`` such as SCST's sampling, prefix tokens, constraints, code or box generation,
+a language model, an ensemble) runs the stock ``_generate``, with the image-token rows set to ``-inf`` when masking is
+on. ``tests/test_inference.py`` and ``tests/test_generation_speed.py`` check tokens and scores against the stock
+generator's.
 """
 from __future__ import annotations
 
 import math
 import re
-from typing import List, Optional
+from typing import List
 
 import torch
-import torch.nn.functional as F
 from modelscope.models.multi_modal.ofa.generate.ngram_repeat_block import NGramRepeatBlock
 
 IMAGE_TOKEN = re.compile(r'<(code|bin)_\d+>')  # the tokens ModelScope's OFA preprocessor adds to the tokenizer
@@ -65,200 +71,50 @@ def mask_rows_hook(module: torch.nn.Module, ids: List[int]):
     return module.register_forward_hook(hook)
 
 
-class _FastEncoder(torch.nn.Module):
-    """The encoder as the generator sees it: one output row per image, whatever the beam."""
+class _ConvReLU(torch.nn.Module):
+    """A (folded) convolution followed by ReLU; on the CPU, in inference, one oneDNN call with the ReLU fused
+    (``torch.ops.mkldnn._convolution_pointwise``, the op torch's own compiler emits for this pattern): the same
+    values without a second pass over the activations."""
 
-    def __init__(self, encoder):
+    def __init__(self, conv: torch.nn.Conv2d):
         super().__init__()
-        self.encoder = encoder
-        self.beam: Optional[int] = None
+        self.conv = conv
 
-    def forward(self, output_hidden_states=False, **net_input):  # no per-layer states: nothing reads them
-        return self.encoder(**net_input)
-
-    def reorder_encoder_out(self, encoder_out, new_order):
-        """The generator's expansion to beams (first call) and its reorders: the output stays one row per image,
-        re-indexed only when sentences leave the batch."""
-        from modelscope.models.multi_modal.ofa.modeling_ofa import OFAEncoderOutput
-        n_images = encoder_out.last_hidden_state.size(0)
-        if self.beam is None:  # new_order is arange(bsz) repeated beam times: every beam reads its image's row
-            self.beam = new_order.numel() // n_images
-            return encoder_out
-        if new_order.numel() == n_images * self.beam:  # beams reordered within their images: nothing to do
-            return encoder_out
-        images = new_order[::self.beam] // self.beam  # the kept sentences' rows before the reorder
-        return OFAEncoderOutput(last_hidden_state=encoder_out.last_hidden_state.index_select(0, images),
-                                padding_mask=encoder_out.padding_mask.index_select(0, images),
-                                position_embedding=encoder_out.position_embedding.index_select(0, images))
+    def forward(self, x):
+        c = self.conv
+        if (x.device.type == 'cpu' and x.dtype == torch.float32 and c.weight.dtype == torch.float32
+                and not torch.is_grad_enabled() and not torch.is_autocast_enabled('cpu')
+                and c.padding_mode == 'zeros' and isinstance(c.padding, tuple)
+                and hasattr(torch.ops.mkldnn, '_convolution_pointwise') and torch.backends.mkldnn.is_available()):
+            return torch.ops.mkldnn._convolution_pointwise(x, c.weight, c.bias, list(c.padding), list(c.stride),
+                                                           list(c.dilation), c.groups, 'relu', [], '')
+        return torch.relu(c(x))
 
 
-class _FastDecoder(torch.nn.Module):
-    """The OFA decoder's arithmetic for one new token per row, with the state beam search needs and no more:
-    self-attention keys/values per row, cross-attention keys/values and positional keys per image."""
+class _FoldedBottleneck(torch.nn.Module):
+    """ModelScope's ResNet ``Bottleneck`` in eval mode with its BatchNorms folded: conv1 and conv2 with their ReLU
+    fused, and the residual added and rectified in place (``relu(identity + out)``, the same values, without two
+    more activation-sized tensors: at 16 images of 256 px each is up to 64 MiB, paged in afresh)."""
 
-    def __init__(self, decoder, text_rows: Optional[int], masked_ids: Optional[torch.Tensor]):
+    def __init__(self, block):
         super().__init__()
-        self.decoder = decoder
-        self.text_rows, self.masked_ids = text_rows, masked_ids
-        self.beam = 0
-        self.self_kv: List[Optional[tuple]] = []  # per layer (keys, values): (rows, heads, steps, head_dim)
-        self.cross_kv: List[tuple] = []            # per layer (keys, values): (images, heads, src, head_dim)
-        self.cross_pos_k = None                    # (images, heads, src, head_dim)
-        self.self_pos_k: List[torch.Tensor] = []   # per position: (heads, head_dim)
+        self.conv1, self.conv2, self.conv3 = _ConvReLU(block.conv1), _ConvReLU(block.conv2), block.conv3
+        self.downsample = block.downsample
 
-    def _heads(self, x, rows):  # (rows, len, d) -> (rows, heads, len, head_dim)
-        return x.view(rows, x.size(1), self.decoder.num_attention_heads, -1).transpose(1, 2)
-
-    def _start(self, encoder_hidden_states, src_pos_embed, rows: int):
-        dec = self.decoder
-        n_images = encoder_hidden_states.size(0)
-        self.beam = rows // n_images
-        self.self_kv = [None] * len(dec.layers)
-        self.cross_kv = [(self._heads(layer.cross_attn.k_proj(encoder_hidden_states), n_images).contiguous(),
-                          self._heads(layer.cross_attn.v_proj(encoder_hidden_states), n_images).contiguous())
-                         for layer in dec.layers]
-        self.cross_pos_k = self._heads(dec.cross_pos_k_linear(src_pos_embed), n_images).contiguous()
-        self.self_pos_k = []
-
-    def forward(self, input_ids=None, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                code_masks=None, src_pos_embed=None, past_key_values=None, use_cache=False, output_attentions=False,
-                output_hidden_states=False):
-        from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
-        dec = self.decoder
-        rows, length = input_ids.shape
-        step = length - 1
-        if step == 0:
-            self._start(encoder_hidden_states, src_pos_embed, rows)
-        n_images, heads = encoder_hidden_states.size(0), dec.num_attention_heads
-
-        # position biases of the new query position (the same for every row): absolute, then relative per layer
-        pos_embed = dec.embed_positions(torch.full((1,), step, dtype=torch.long, device=input_ids.device))
-        pos = dec.pos_ln(pos_embed)                                                    # (1, d)
-        self.self_pos_k.append(dec.self_pos_k_linear(pos).view(heads, -1))
-        self_q = dec.self_pos_q_linear(pos).view(heads, 1, -1) * dec.pos_scaling       # (heads, 1, hd)
-        self_abs = torch.matmul(self_q, torch.stack(self.self_pos_k, 1).transpose(1, 2))  # (heads, 1, length)
-        cross_q = (dec.cross_pos_q_linear(pos).view(heads, 1, -1) * dec.pos_scaling).unsqueeze(0)
-        cross_bias = torch.matmul(cross_q, self.cross_pos_k.transpose(2, 3))            # (images, heads, 1, src)
-        rp_bucket = dec.token_rp_bucket[step, :length]
-
-        x = dec.embed_scale * dec.embed_tokens(input_ids[:, -1:])
-        if dec.entangle_position_embedding and not dec.disable_entangle:
-            x = x + pos_embed
-        if dec.layernorm_embedding is not None:
-            x = dec.layernorm_embedding(x)
-        self_mask = None  # the generator never puts a pad inside a prefix; kept for exactness if it did
-        if attention_mask is not None and attention_mask.any():
-            self_mask = torch.zeros(attention_mask.shape, dtype=x.dtype, device=x.device).masked_fill(
-                attention_mask, torch.finfo(x.dtype).min)[:, None, None, :]
-        cross_mask = None
-        if encoder_attention_mask is not None:  # (images, 1, length, src) -> the new row, per image
-            cross_mask = encoder_attention_mask[:, :, -1:, :]                           # (images, 1, 1, src)
-
-        for idx, layer in enumerate(dec.layers):
-            table = dec.token_rel_pos_table_list[0 if dec.share_attn_bias else idx].weight
-            self_bias = self_abs + table[rp_bucket].t().unsqueeze(1)                    # (heads, 1, length)
-            x = self._self_attention(layer, idx, x, self_bias, self_mask)
-            x = self._cross_attention(layer, idx, x, cross_bias, cross_mask, n_images)
-            x = self._ffn(layer, x)
-        if dec.layer_norm is not None:
-            x = dec.layer_norm(x)
-        proj = dec.output_projection
-        if self.text_rows is not None:  # the text rows only: the image-token rows are never chosen
-            logits = _vocab_logits(x, proj.weight[:self.text_rows],
-                                   None if proj.bias is None else proj.bias[:self.text_rows])
-        else:
-            logits = _vocab_logits(x, proj.weight, proj.bias)
-            if self.masked_ids is not None:
-                logits = logits.index_fill(-1, self.masked_ids.to(logits.device), -math.inf)
-        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=logits)
-
-    def _self_attention(self, layer, idx, x, bias, mask):
-        attn = layer.self_attn
-        residual = x
-        h = layer.self_attn_layer_norm(x) if layer.normalize_before else x
-        rows = h.size(0)
-        q = self._heads(attn.q_proj(h) * attn.scaling, rows)
-        k, v = self._heads(attn.k_proj(h), rows), self._heads(attn.v_proj(h), rows)
-        past = self.self_kv[idx]
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        self.self_kv[idx] = (k, v)
-        h = self._attend(attn, q, k, v, bias, mask, rows)
-        return self._close(layer, h, residual, layer.self_attn_mid_layer_norm, 'weight_self_attn',
-                           layer.self_attn_layer_norm)
-
-    def _cross_attention(self, layer, idx, x, bias, mask, n_images):
-        attn = layer.cross_attn
-        residual = x
-        h = layer.cross_attn_layer_norm(x) if layer.normalize_before else x
-        # the beams of one image as one block of queries against that image's keys: (images, heads, beam, hd)
-        q = (attn.q_proj(h) * attn.scaling).view(n_images, self.beam, attn.num_heads, -1).transpose(1, 2)
-        k, v = self.cross_kv[idx]
-        w = torch.matmul(q, k.transpose(2, 3)) + bias                                   # (images, heads, beam, src)
-        if mask is not None:
-            w = w + mask
-        w = F.softmax(w, dim=-1)
-        out = torch.matmul(w, v).transpose(1, 2).reshape(h.size(0), 1, attn.num_heads, attn.head_dim)
-        h = self._project(attn, out, h.size(0))
-        return self._close(layer, h, residual, layer.cross_attn_mid_layer_norm, 'weight_cross_attn',
-                           layer.cross_attn_layer_norm)
-
-    @staticmethod
-    def _close(layer, h, residual, mid_norm, gamma: str, norm):
-        """An attention block's end, as OFA's decoder layer does it: mid norm, dropout, gamma, residual, norm."""
-        if mid_norm:
-            h = mid_norm(h)
-        h = layer.dropout(h)
-        if layer.use_gamma_feature:
-            h = getattr(layer, gamma) * h
-        h = layer.residual_connection(h, residual)
-        return h if layer.normalize_before else norm(h)
-
-    def _attend(self, attn, q, k, v, bias, mask, rows):
-        w = torch.matmul(q, k.transpose(2, 3)) + bias                                   # (rows, heads, 1, length)
-        if mask is not None:
-            w = w + mask
-        w = F.softmax(w, dim=-1)
-        out = torch.matmul(w, v).transpose(1, 2)                                        # (rows, 1, heads, hd)
-        return self._project(attn, out, rows)
-
-    @staticmethod
-    def _project(attn, out, rows):
-        if attn.c_attn is not None:  # NormFormer's per-head scale
-            out = out * attn.c_attn[:, None]
-        return attn.out_proj(out.reshape(rows, 1, attn.embed_dim))
-
-    @staticmethod
-    def _ffn(layer, x):
-        residual = x
-        h = layer.final_layer_norm(x) if layer.normalize_before else x
-        h = layer.activation_dropout(layer.activation_fn(layer.fc1(h)))
-        if layer.ffn_layer_norm:
-            h = layer.ffn_layer_norm(h)
-        h = layer.dropout(layer.fc2(h))
-        if layer.use_gamma_feature:
-            h = layer.weight_ffn * h
-        h = layer.residual_connection(h, residual)
-        return h if layer.normalize_before else layer.final_layer_norm(h)
-
-    def reorder_incremental_state_scripting(self, past_key_values, new_order):
-        """Reorder the rows' self-attention state; re-index the per-image state only when sentences left."""
-        self.self_kv = [None if kv is None else (kv[0].index_select(0, new_order), kv[1].index_select(0, new_order))
-                        for kv in self.self_kv]
-        if self.cross_pos_k is not None and new_order.numel() != self.cross_pos_k.size(0) * self.beam:
-            images = new_order[::self.beam] // self.beam
-            self.cross_kv = [(k.index_select(0, images), v.index_select(0, images)) for k, v in self.cross_kv]
-            self.cross_pos_k = self.cross_pos_k.index_select(0, images)
-        return past_key_values
+    def forward(self, x):
+        out = self.conv3(self.conv2(self.conv1(x)))
+        identity = x if self.downsample is None else self.downsample(x)
+        return out.add_(identity).relu_()  # eval mode: drop_path is the identity
 
 
 def fold_batch_norms(backbone: torch.nn.Module) -> torch.nn.Module:
     """An eval-mode copy of ModelScope's OFA ``ResNet`` (``embed_images``) in which every BatchNorm is folded into
-    the convolution it follows (``torch.nn.utils.fusion.fuse_conv_bn_eval``) and replaced by an identity, in the
-    backbone's memory format. A backbone of another shape (a ViT) is returned as it is."""
+    the convolution it follows (``torch.nn.utils.fusion.fuse_conv_bn_eval``), each convolution followed by a ReLU
+    runs with the ReLU fused and each block adds its residual in place (:class:`_FoldedBottleneck`), in the
+    backbone's memory format. For inference only. A backbone of another shape (a ViT) is returned as it is."""
     import copy
 
-    from modelscope.models.multi_modal.ofa.resnet import ResNet
+    from modelscope.models.multi_modal.ofa.resnet import Bottleneck, ResNet
     from torch.nn.utils.fusion import fuse_conv_bn_eval
     if not isinstance(backbone, ResNet):
         return backbone
@@ -274,35 +130,15 @@ def fold_batch_norms(backbone: torch.nn.Module) -> torch.nn.Module:
         if (isinstance(down, torch.nn.Sequential) and len(down) == 2 and isinstance(down[0], torch.nn.Conv2d)
                 and isinstance(down[1], torch.nn.BatchNorm2d)):
             module.downsample = torch.nn.Sequential(fuse_conv_bn_eval(down[0], down[1]))
+    if isinstance(folded.bn1, torch.nn.Identity) and isinstance(folded.relu, torch.nn.ReLU):  # the stem
+        folded.conv1, folded.relu = _ConvReLU(folded.conv1), torch.nn.Identity()
+    for layer in (m for m in folded.children() if isinstance(m, torch.nn.Sequential)):  # layer1..layer3
+        for i, block in enumerate(layer):
+            if type(block) is Bottleneck and all(isinstance(getattr(block, f'bn{k}'), torch.nn.Identity)
+                                                 for k in range(1, 4)):
+                layer[i] = _FoldedBottleneck(block)
+    folded.eval()  # the new modules too: a module in training mode would send the search to the stock loop
     return folded.to(memory_format=torch.channels_last) if channels_last else folded
-
-
-def _vocab_logits(x, weight, bias):
-    """``F.linear(x, weight, bias)`` for the output projection onto the vocabulary: (rows, 1, d) -> (rows, 1, V).
-    Computed as ``weight @ x.T`` then transposed (one copy): with a few dozen rows against a 50k-row matrix, the
-    CPU's GEMM runs that layout ~1.5x faster than ``x @ weight.T``, and each logit is the same dot product."""
-    rows = x.size(0)
-    if x.device.type != 'cpu' or x.dtype != weight.dtype:
-        return F.linear(x, weight, bias)
-    out = torch.mm(weight, x.reshape(rows, -1).t()).t()
-    if bias is not None:
-        out = out + bias
-    return out.contiguous().view(rows, 1, -1)
-
-
-class _FastOFA(torch.nn.Module):
-    """What the stock generator's ``EnsembleModel`` sees in place of an ``OFAModel`` for one ``generate`` call."""
-
-    def __init__(self, model, text_rows: Optional[int], masked_ids: Optional[torch.Tensor]):
-        super().__init__()
-        self.model = model
-        self.encoder = _FastEncoder(model.encoder)
-        self.decoder = _FastDecoder(model.decoder, text_rows, masked_ids)
-        self.padding_idx = model.padding_idx
-        self.config = model.config
-
-    def get_normalized_probs(self, net_output, log_probs: bool, sample=None):
-        return self.model.get_normalized_probs(net_output, log_probs, sample)
 
 
 class VectorisedNGramRepeatBlock(NGramRepeatBlock):
@@ -330,10 +166,16 @@ class VectorisedNGramRepeatBlock(NGramRepeatBlock):
         return lprobs
 
 
-def _covered(generator, models, kwargs) -> bool:
+def _covered(generator, models, sample, kwargs) -> bool:
     """Whether the stand-in does this call's arithmetic (else the stock path runs)."""
     from modelscope.models.multi_modal.ofa.modeling_ofa import OFAModel
-    if len(models) != 1 or not isinstance(models[0], OFAModel) or models[0].training:
+    from modelscope.models.multi_modal.ofa.generate.search import BeamSearch
+    if len(models) != 1 or not isinstance(models[0], OFAModel) or any(m.training for m in models[0].modules()):
+        return False
+    net_input = sample['net_input']
+    if 'src_tokens' in net_input or 'input_ids' not in net_input:
+        return False
+    if type(generator.search) is not BeamSearch or generator.should_set_src_lengths:
         return False
     model = models[0]
     if model.config.use_ofasys or not hasattr(model.decoder, 'self_pos_q_linear'):
@@ -359,20 +201,15 @@ def speed_up(ofa_model, generator, mask_image_tokens: bool = False) -> None:
     stock = type(generator)._generate.__get__(generator)
 
     def generate(models, sample, **kwargs):
-        if not _covered(generator, models, kwargs):
+        if not _covered(generator, models, sample, kwargs):
             handles = [mask_rows_hook(m.decoder.output_projection, ids) for m in models] if ids else []
             try:
                 return stock(models, sample, **kwargs)
             finally:
                 for h in handles:
                     h.remove()
-        fast = [_FastOFA(models[0], text_rows, masked)]
-        if text_rows is not None:
-            generator.vocab_size = text_rows
-        try:
-            return stock(fast, sample, **kwargs)
-        finally:
-            generator.vocab_size = vocab
+        from utils.patches.beam_search import beam_search
+        return beam_search(generator, models[0], sample, text_rows, masked)
 
     generator._generate = generate
     generator.mask_image_tokens = bool(ids)
