@@ -14,8 +14,9 @@ toolkit's stylish preprocessor, so both sides see the same prompt), and the Capt
 mask_image_tokens off (its captions must equal the stock ones: checked and printed) and on (the default: no
 caption may hold a <code_k>/<bin_k> token). Printed per caption: seconds (one untimed warm-up on 2 images, then the best
 of --repeat timed passes), executed FLOPs (torch.utils.flop_counter.FlopCounterMode), the FLOPs beam search needs
-(counted by hand, see needed_flops and bench/RESULTS.md), the machine's fp32 matmul peak (a timed torch.mm) and
-the share of it reached on the needed FLOPs.
+(counted by hand, see needed_flops and bench/RESULTS.md), the machine's fp32 matmul peak (a timed torch.mm, at the
+start and again after each size's timings: the higher of the two is used) and the share of it reached on the needed
+FLOPs.
 """
 from __future__ import annotations
 
@@ -62,8 +63,15 @@ def timed(fn, repeat: int):
 
 
 def flops_of(fn) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
+    """FLOPs torch's FLOP counter counts in ``fn()``; oneDNN's fused convolution + ReLU (the Captioner's folded
+    ResNet) is counted as the convolution it is (torch's own formula for it)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+
+    def fused_conv(x_shape, w_shape, *_args, out_shape=None, **_kwargs) -> int:
+        return conv_flop_count(x_shape, w_shape, out_shape)
+    fused = getattr(torch.ops.mkldnn, '_convolution_pointwise', None)
+    counter = FlopCounterMode(display=False, custom_mapping={fused: fused_conv} if fused else {})  # by packet
     with counter:
         fn()
     return counter.get_total_flops()
@@ -192,6 +200,10 @@ def bench_size(size: str, n_images: int, batch: int, repeat: int, root: str, pea
         seconds[name], results[name] = timed(fn, repeat)
         seconds[name] /= n_images
     names = list(results)
+    peak_now = matmul_peak()  # this VM's peak moves between runs and within one: the higher of the two is used
+    print(f'\nfp32 matmul peak after timing OFA-{size}: {peak_now / 1e9:.1f} GFLOP/s (at the start: {peak / 1e9:.1f}); '
+          f'the shares of the peak below are of the higher one')
+    peak = max(peak, peak_now)
     first = items[:batch]
     executed = {names[1]: flops_of(lambda: pipe(first, batch_size=batch)) / len(first),
                 names[2]: flops_of(lambda: ours_run(first)) / len(first),
