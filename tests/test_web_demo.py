@@ -260,3 +260,29 @@ def test_set_generation_equals_a_captioner_built_with_those_settings(captioner, 
     assert changed == Captioner(random_output, GenerationConf(beam_size=2, max_len=5, no_repeat_ngram_size=0)).caption(
         items, progress=False)
     assert changed != captioner.caption(items, progress=False)
+
+
+@pytest.mark.integration
+def test_ctrl_c_while_the_server_starts_closes_it(monkeypatch):
+    """A Ctrl-C that lands while gradio's launch() is still checking the server it started (under load, the window
+    after the page first answers) stops serve() with KeyboardInterrupt and closes that server: before, the server
+    was left running, and web_demo.py could hang on exit instead of exiting 130."""
+    import gradio as gr
+    from gradio import networking
+
+    from utils.demo.web_app import serve
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    with gr.Blocks() as app:
+        gr.Markdown('ctrl-c')
+
+    def interrupted(url, *args, **kwargs):
+        assert urllib.request.urlopen(url, timeout=10).status == 200  # the server is up when the Ctrl-C lands
+        raise KeyboardInterrupt
+    monkeypatch.setattr(networking, 'url_ok', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        serve(app, '127.0.0.1', port, 1 << 20)
+    assert not app.is_running
+    with pytest.raises(OSError):  # nothing answers on the port any more
+        urllib.request.urlopen(f'http://127.0.0.1:{port}', timeout=5)

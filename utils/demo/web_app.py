@@ -177,11 +177,11 @@ def serve(app, host: str, port: int, max_bytes: int, debug: bool = False) -> Non
     if not debug:
         logging.getLogger('uvicorn.error').addFilter(OneLineRequestErrors())
 
-    app.queue(default_concurrency_limit=1).launch(
-        server_name=host, server_port=port, max_file_size=max_bytes, ssr_mode=False, show_error=False, quiet=True,
-        prevent_thread_lock=True, theme=gr.themes.Default(font=FONTS, font_mono=['ui-monospace', 'monospace']))
-    logger.info('web demo on http://%s:%d (Ctrl-C stops it)', host, port)
-    try:
+    try:  # a Ctrl-C while launch() still checks the started server (networking.url_ok) closes it too
+        app.queue(default_concurrency_limit=1).launch(
+            server_name=host, server_port=port, max_file_size=max_bytes, ssr_mode=False, show_error=False, quiet=True,
+            prevent_thread_lock=True, theme=gr.themes.Default(font=FONTS, font_mono=['ui-monospace', 'monospace']))
+        logger.info('web demo on http://%s:%d (Ctrl-C stops it)', host, port)
         while app.is_running:
             time.sleep(0.1)
     finally:
