@@ -180,6 +180,8 @@ def load_captioner(conf, model: Optional[str] = None, checkpoint: Optional[str] 
     from utils.core.errors import CheckpointError, ModelDirError, raise_system_failure
 
     model_dir = trained_model_dir(conf, model)
+    from utils.core.memory import keep_freed_memory
+    keep_freed_memory()  # the commands that caption reuse their freed batches' memory instead of faulting it in again
     try:
         captioner = Captioner(model_dir, conf.generation, revision=revision, precision=conf.run.precision,
                               model_cfg=conf.model.model_cfg)
