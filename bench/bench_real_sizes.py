@@ -270,6 +270,9 @@ def main(argv=None) -> int:
     print(f'machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, '
           f'load average {" ".join(f"{x:.2f}" for x in os.getloadavg())}, torch {torch.__version__}, '
           f'threads {torch.get_num_threads()}')
+    from utils.core.memory import keep_freed_memory
+    # as in the commands that caption (load_captioner): both sides, stock and ours, run in this process with it
+    print(f'freed memory kept for reuse (utils.core.memory): {keep_freed_memory()}')
     peak = matmul_peak()
     print(f'fp32 matmul peak (best of 5 torch.mm 2048 x 2048): {peak / 1e9:.1f} GFLOP/s')
     ok = True
