@@ -5,7 +5,7 @@ glibc's malloc serves every block of 32 MiB or more (and, past its dynamic thres
 every batch (a ResNet activation of 16 images at 256 px is 64 MiB; the decoder's and the vocabulary's buffers at
 every step), so each batch page-faults all of them in again: at OFA-tiny size, about 390,000 minor faults and 1.3 s
 of kernel time per 32 captions (about a tenth of the time). With ``M_MMAP_MAX`` 0 and a high ``M_TRIM_THRESHOLD``,
-malloc keeps what was freed and the next batch reuses it: no faults after the first few batches, 8-12% less time per
+malloc keeps what was freed and the next batch reuses it: no faults after the first few batches, 8-18% less time per
 caption (``bench/RESULTS.md``). The cost is that the process keeps its high-water mark of memory until it exits,
 which is what a captioning command does anyway.
 
