@@ -101,8 +101,9 @@ def test_same_hypotheses_as_the_stock_generator_under_every_generator_setting(mo
     """The loop's handling of each setting of ModelScope's SequenceGenerator (temperature, unk penalty, min and max
     length, match_source_len, ignore_eos, beam sizes) against the stock loop, with sentences finishing at different
     steps (an end-of-sentence bias)."""
-    fast, stock = captioners(model_dir, mask_image_tokens=False)
-    fast, stock = captioners(model_dir, bias={fast.model.tokenizer.eos_token_id: 2.0}, mask_image_tokens=False)
+    fast, stock = captioners(model_dir, bias={0: 0.0}, mask_image_tokens=False)
+    for c in (fast, stock):  # an end-of-sentence bias
+        c.model.model.decoder.output_projection.bias.data[c.model.tokenizer.eos_token_id] = 2.0
     defaults = {k: getattr(stock.model.generator, k) for k in
                 ('temperature', 'unk_penalty', 'min_len', 'max_len_a', 'max_len_b', 'match_source_len', 'ignore_eos',
                  'beam_size')}

@@ -38,11 +38,11 @@ def keep_freed_memory() -> bool:
         if sys.platform.startswith('linux'):
             try:
                 libc = ctypes.CDLL(None)  # the C library this process runs on
-                glibc = libc.gnu_get_libc_version  # only glibc has it (musl's mallopt does nothing)
-                del glibc
-                mallopt = libc.mallopt
-            except (OSError, AttributeError):
+            except OSError:
                 return False
+            if not hasattr(libc, 'gnu_get_libc_version') or not hasattr(libc, 'mallopt'):
+                return False  # not glibc (musl's mallopt does nothing)
+            mallopt = libc.mallopt
             mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
             _kept = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_UP_TO))
             logger.debug('malloc keeps freed memory for reuse: %s', _kept)

@@ -287,6 +287,8 @@ def beam_search(generator, model, sample: Dict, text_rows: Optional[int] = None,
     if text_rows is not None:
         weight, bias = weight[:text_rows], None if bias is None else bias[:text_rows]
     vocab = weight.size(0)
+    if masked_ids is not None:
+        masked_ids = masked_ids.to(device)
     logits_buffer = torch.empty(bsz * beam * vocab, dtype=torch.float32, device=device)
     scratch = torch.empty(min(BLOCK, vocab) * bsz * beam, dtype=torch.float32, device=device)
 
@@ -320,7 +322,7 @@ def beam_search(generator, model, sample: Dict, text_rows: Optional[int] = None,
         lprobs = logits_buffer[:rows * vocab].view(rows, vocab)
         full_precision = project(hidden.reshape(rows, -1), weight, bias, lprobs, scratch, g.temperature)
         if masked_ids is not None:
-            lprobs.index_fill_(1, masked_ids.to(device), -math.inf)
+            lprobs.index_fill_(1, masked_ids, -math.inf)
         torch.log_softmax(lprobs, -1, out=lprobs)  # in float32, as the stock model's get_normalized_probs
 
         if step < g.min_len:

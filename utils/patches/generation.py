@@ -167,7 +167,7 @@ class VectorisedNGramRepeatBlock(NGramRepeatBlock):
 
 
 def _covered(generator, models, sample, kwargs) -> bool:
-    """Whether the stand-in does this call's arithmetic (else the stock path runs)."""
+    """Whether :func:`utils.patches.beam_search.beam_search` covers this call (else the stock ``_generate`` runs)."""
     from modelscope.models.multi_modal.ofa.modeling_ofa import OFAModel
     from modelscope.models.multi_modal.ofa.generate.search import BeamSearch
     if len(models) != 1 or not isinstance(models[0], OFAModel) or any(m.training for m in models[0].modules()):
