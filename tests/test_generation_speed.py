@@ -67,12 +67,23 @@ def assert_same_hypotheses(ours, theirs, tolerance=1e-5):
             assert torch.allclose(a['positional_scores'], b['positional_scores'], rtol=tolerance, atol=tolerance)
 
 
-def test_same_hypotheses_as_the_stock_generator_when_sentences_finish_at_different_steps(model_dir, items):
+@pytest.mark.parametrize('projection', ['packed', 'blocked'])
+def test_same_hypotheses_as_the_stock_generator_when_sentences_finish_at_different_steps(model_dir, items, projection,
+                                                                                         monkeypatch):
     """Padded prompts, and sentences leaving the batch at different steps (an end-of-sentence bias makes the random
     model stop early on some images): the per-image state is re-indexed, not reordered, and the beams and scores
-    are the stock generator's (image-token masking off, as the stock generator has none)."""
+    are the stock generator's (image-token masking off, as the stock generator has none). Both vocabulary
+    projections: oneDNN's on the pre-packed weight (where it is there) and the blocked GEMM (where it is not)."""
+    from utils.patches import beam_search
+    packs = []
+    pack = beam_search.packed_weight
+    monkeypatch.setattr(beam_search, 'packed_weight',
+                        lambda *a: packs.append(1) or (pack(*a) if projection == 'packed' else None))
     fast, stock = captioners(model_dir, mask_image_tokens=False)
     assert_same_hypotheses(hypotheses(fast, items[:7]), hypotheses(stock, items[:7]))
+    assert packs  # the search asked for the packed weight
+    if projection == 'packed':
+        assert fast.model.model.decoder.output_projection.__dict__['_packed_for_search'][1].is_mkldnn
     eos = fast.model.tokenizer.eos_token_id
     fast, stock = captioners(model_dir, bias={eos: 0.0}, mask_image_tokens=False)
     for value in [0.1 * i for i in range(1, 30)]:  # the first bias at which the finishing steps differ
@@ -179,18 +190,15 @@ def test_masked_captions_hold_no_image_token_and_equal_the_stock_search_over_tex
 def test_executed_flops_are_close_to_what_beam_search_needs(model_dir, items):
     """FLOPs torch counts for a batch against the hand count of bench/bench_real_sizes.py: no per-beam copies of
     the image's cross-attention work, no recomputed prefix, no positional keys per step; the stock generator
-    executes several times more."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from bench.bench_real_sizes import needed_flops, resnet_flops
+    executes several times more. (The bench's counter: torch's, with the oneDNN ops it has no formula for counted
+    as the products they compute.)"""
+    from bench.bench_real_sizes import flops_of, needed_flops, resnet_flops
     fast, stock = captioners(model_dir, beam_size=5, max_len=16)
     batch = items[:8]
-    counted = []
+    counted, found = [], []
     for c in (fast, stock):
-        counter = FlopCounterMode(display=False)
-        with counter:
-            sents = hypotheses(c, batch)
-        counted.append(counter.get_total_flops())
+        counted.append(flops_of(lambda c=c: found.append(hypotheses(c, batch))))
+    sents = found[0]
     model = fast.model.model
     sample = fast.collate([fast.preprocessor(item) for item in batch])
     size = sample['net_input']['patch_images'].shape[-1]
@@ -298,3 +306,34 @@ def test_the_folded_resnet_computes_what_the_model_does_and_follows_its_weights(
     assert again == fresh.caption(items[:4], batch_size=2, progress=False)
     refolded = fold_batch_norms(fast.model.model.encoder.embed_images)
     assert all(torch.equal(a, b) for a, b in zip(fast._folded[1].state_dict().values(), refolded.state_dict().values()))
+
+
+def test_the_packed_projection_weight_is_kept_while_the_weight_is_unchanged_and_follows_it_when_it_changes():
+    """beam_search.packed_weight: one packing per weight version (a training step or a loaded checkpoint changes
+    it), the text rows only, and none for a weight without a version counter (made under inference_mode)."""
+    import torch
+    import torch.nn.functional as F
+
+    from utils.patches.beam_search import packed_weight, project
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(16, 50, bias=False)
+    first = packed_weight(proj, 40)
+    if first is None:
+        pytest.skip('this torch has no oneDNN')
+    assert packed_weight(proj, 40) is first
+    x = torch.randn(6, 16)
+    with torch.inference_mode():
+        logits, full = project(x, proj.weight[:40], None, None, None, 1.0, first)
+    assert full and logits.shape == (6, 40)
+    assert torch.allclose(logits, F.linear(x, proj.weight[:40]), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        proj.weight.mul_(-2.0)  # as an optimizer step or load_state_dict writes it
+    again = packed_weight(proj, 40)
+    assert again is not first
+    with torch.inference_mode():
+        logits, _ = project(x, proj.weight[:40], None, None, None, 0.5, again)
+    assert torch.allclose(logits, F.linear(x, proj.weight[:40]) / 0.5, rtol=1e-5, atol=1e-6)
+    assert packed_weight(proj, 30) is not again  # other rows, another packing
+    with torch.inference_mode():
+        made_there = torch.nn.Linear(16, 50, bias=False)
+    assert packed_weight(made_there, 40) is None

@@ -31,8 +31,11 @@ A covered call (below) runs :func:`utils.patches.beam_search.beam_search`, the s
    log-probabilities, each into a new tensor; here the projection, log-softmax and the stock writes share one
    buffer, and the candidates are the top ``2 x beam`` of each row before the hypotheses' scores are added (the
    module docstring of ``beam_search`` says why these are the stock candidates).
-7. **The CPU's fast layouts.** The vocabulary projection is computed as ``weight @ x.T`` per block of vocabulary
-   rows (``beam_search.project``: the same dot products; the CPU's GEMM runs that shape ~1.5-2x faster), and
+7. **The CPU's fast layouts.** The vocabulary projection runs as oneDNN's linear on a copy of the weight packed once
+   into its blocked layout (``beam_search.packed_weight``: packed again when the weight changes; ~1.3x the blocked
+   GEMM in a batch's search, float rounding apart the same logits), or where that is not there as ``weight @ x.T``
+   per block of vocabulary rows (``beam_search.project``: the same dot products; the CPU's GEMM runs that shape
+   ~1.5-2x faster than ``x @ weight.T``), and
    :func:`fold_batch_norms` gives the Captioner a copy of the ResNet with each BatchNorm folded into its
    convolution, each ReLU fused with its convolution and the residuals added in place (float rounding apart, the
    same function; utils/captioning/captioner.py swaps it in for a model it loaded itself).
