@@ -100,3 +100,37 @@ def test_another_version_is_named_in_a_warning(monkeypatch, caplog):
 def _recheck_after():
     yield
     patches._found = None
+
+
+@pytest.mark.parametrize('n', [50265, 9192, 64 * 40, 300])  # OFA's text rows, the test model's, whole blocks, short
+def test_row_top_takes_the_values_topk_takes(n):
+    """beam_search.row_top against torch.topk on rows shaped like the search's: the values are top-k's, in its
+    order, and each index points at its value (once), for plain rows, a row whose best entries sit in the short tail
+    block, a row with a NaN, a row of ties, and a row that is -inf but for one entry (the last step)."""
+    import math
+
+    import torch
+
+    from utils.patches.beam_search import row_top
+    torch.manual_seed(n)
+    k = 10
+    x = torch.log_softmax(torch.randn(8, n) * 3, -1)
+    x[1, -3:] = 5.0 + torch.arange(3.0)  # the best three in the tail (n is not a whole number of blocks but once)
+    x[2, n // 2] = math.nan
+    x[3, :] = -1.0
+    x[3, 7] = 0.0
+    x[4, :] = -math.inf
+    x[4, 2] = 0.0
+    x[5, ::97] = x[5].max() + 1.0  # many ties for the best
+    want_v, want_i = torch.topk(x, k)
+    got_v, got_i = row_top(x, k)
+    nan = torch.isnan(want_v)
+    assert torch.equal(torch.isnan(got_v), nan)
+    assert torch.equal(got_v[~nan], want_v[~nan])
+    for row in range(x.size(0)):
+        assert len(set(got_i[row].tolist())) == k  # no index twice
+        picked = x[row, got_i[row]]
+        assert torch.equal(torch.isnan(picked), nan[row]) and torch.equal(picked[~nan[row]], got_v[row][~nan[row]])
+    assert torch.equal(got_i[4], want_i[4])  # -inf at the k-th: top-k's own indices
+    if n >= 4 * k * 64:
+        assert got_i[1, 0] == n - 1  # found in the tail block

@@ -12,10 +12,10 @@ log-softmax, ``lprobs != lprobs`` and a masked write for NaN, a full copy and wr
   (``weight @ x.T`` per block, transposed while the block is in cache): :func:`project`;
 - log-softmax is computed in place (``torch.log_softmax(..., out=)``, the same kernel, so the same values), the
   min-length/pad/unk/max-length writes and the n-gram bans are made on that buffer as the stock loop makes them;
-- the top ``2 x beam`` of each row are taken first, then the scores of the hypotheses are added to those candidates
-  only and the top ``2 x beam`` of each sentence taken among them. The best ``2 x beam`` of ``beam x vocabulary``
-  entries are among the best ``2 x beam`` of each beam's row, and the sums are the same float additions as the
-  stock ``lprobs + scores``, so the candidates and their scores are the stock ones, but for an exact tie at the
+- the top ``2 x beam`` of each row are taken first (:func:`row_top`: from the row's blocks with the highest maxima),
+  then the scores of the hypotheses are added to those candidates only and the top ``2 x beam`` of each sentence
+  taken among them. The best ``2 x beam`` of ``beam x vocabulary`` entries are among the best ``2 x beam`` of each
+  beam's row, and the sums are the same float additions as the stock ``lprobs + scores``, so the candidates and their scores are the stock ones, but for an exact tie at the
   edge of the best ``2 x beam``, which top-k may break the other way (with fp32 logits, two equal sums of
   different log-probabilities). Logits computed in half or bfloat16 precision (a model in that dtype, autocast),
   where ties are common, take the stock arithmetic (``candidates(exact_ties=True)``); log-softmax is in float32
@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 BLOCK = 8192  # vocabulary rows per block of the projection: a block's logits (8192 x 80 floats) stay in cache
+TOP_BLOCK = 64  # entries per block of a row in row_top: one vectorised max per block, then the best blocks only
 
 
 class IncrementalDecoder:
@@ -254,6 +255,34 @@ def project(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     return out, True
 
 
+def row_top(x: torch.Tensor, k: int):
+    """``torch.topk(x, k)`` of each row of a 2-D tensor, by way of its best blocks: the max of every block of
+    ``TOP_BLOCK`` entries (one vectorised pass over the row, ~4x cheaper than top-k's per-row selection over OFA's
+    50,265 text rows), then the top k among the entries of the k blocks with the highest maxima. Each of a row's k
+    best entries lies in one of those blocks (a block holding none of them has a max below all of them but for exact
+    ties), so the values are top-k's; where two entries tie, either may be returned, as with top-k itself. A NaN
+    makes its block's max NaN, which ranks first, so it is found as top-k finds it. Rows shorter than
+    ``4 x k`` blocks, and rows whose k-th best is -inf (the last step, where all but end-of-sentence are -inf; there
+    the indices of the -inf entries are top-k's own), take ``torch.topk``."""
+    rows, n = x.shape
+    blocks = n // TOP_BLOCK
+    if blocks < 4 * k or x.stride(1) != 1:
+        return torch.topk(x, k)
+    full = blocks * TOP_BLOCK
+    maxima = x[:, :full].view(rows, blocks, TOP_BLOCK).amax(-1)
+    if full < n:  # the tail, a shorter block
+        maxima = torch.cat([maxima, x[:, full:].amax(-1, keepdim=True)], 1)
+    best = torch.topk(maxima, k).indices
+    index = (best * TOP_BLOCK).unsqueeze(-1) + torch.arange(TOP_BLOCK, device=x.device)
+    index = index.view(rows, -1)
+    past_end = index >= n  # the tail block's positions past the row's end
+    values = x.gather(1, index.clamp(max=n - 1)).masked_fill_(past_end, -math.inf)
+    top, pos = torch.topk(values, k)
+    if torch.isneginf(top[:, -1]).any():
+        return torch.topk(x, k)
+    return top, index.gather(1, pos)
+
+
 def candidates(lprobs: torch.Tensor, last_scores: Optional[torch.Tensor], bsz: int, cand_size: int,
                exact_ties: bool = False):
     """``BeamSearch.step`` on ``lprobs`` (rows, V) after the stock loop's NaN write: (scores, token ids, beams), each
@@ -278,10 +307,10 @@ def candidates(lprobs: torch.Tensor, last_scores: Optional[torch.Tensor], bsz: i
         cand_scores, idx = torch.topk(sums, k)
         return cand_scores, idx.fmod(vocab), torch.div(idx, vocab, rounding_mode='floor')
     per_row = min(k, vocab)
-    top, top_idx = torch.topk(lprobs, per_row)
+    top, top_idx = row_top(lprobs, per_row)
     if torch.isnan(top).any():
         lprobs.masked_fill_(torch.isnan(lprobs), -math.inf)
-        top, top_idx = torch.topk(lprobs, per_row)
+        top, top_idx = row_top(lprobs, per_row)
     if last_scores is None:  # the first step: each sentence's one row, its top k are the candidates
         return top, top_idx, torch.zeros_like(top_idx)
     beam = rows // bsz
