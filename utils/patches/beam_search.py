@@ -17,9 +17,10 @@ log-softmax, ``lprobs != lprobs`` and a masked write for NaN, a full copy and wr
   taken among them. The best ``2 x beam`` of ``beam x vocabulary`` entries are among the best ``2 x beam`` of each
   beam's row, and the sums are the same float additions as the stock ``lprobs + scores``, so the candidates and
   their scores are the stock ones, but for an exact tie at the edge of the best ``2 x beam``, which top-k may break
-  the other way (with fp32 logits, two equal sums of different log-probabilities). Logits computed in half or bfloat16 precision (a model in that dtype, autocast),
-  where ties are common, take the stock arithmetic (``candidates(exact_ties=True)``); log-softmax is in float32
-  for every model, as the stock OFA model's ``get_normalized_probs`` computes it;
+  the other way (with fp32 logits, two equal sums of different log-probabilities). Logits computed in half or
+  bfloat16 precision (a model in that dtype, autocast), where ties are common, take the stock arithmetic
+  (``candidates(exact_ties=True)``); log-softmax is in float32 for every model, as the stock OFA model's
+  ``get_normalized_probs`` computes it;
 - NaN is looked for in those candidates only: a NaN anywhere in a row of log-softmax makes the row NaN, and top-k
   ranks NaN first, so a NaN row always shows in its candidates. Only then is the stock NaN write made (and the
   candidates taken again), with the same result as the stock loop, which makes it before every step's writes;
