@@ -55,7 +55,8 @@ class IncrementalDecoder:
     def __init__(self, decoder, beam: int):
         self.decoder, self.beam = decoder, beam
         self.self_kv: List[Optional[tuple]] = []  # per layer (keys, values): (rows, heads, steps, head_dim)
-        self.cross_kv: List[tuple] = []            # per layer (keys, values): (images, heads, src, head_dim)
+        self.cross_kv: List[tuple] = []            # per layer (keys transposed, values): (images, heads, head_dim,
+        #                                            src) and (images, heads, src, head_dim)
         self.cross_pos_k = None                    # (images, heads, src, head_dim)
         self.cross_mask = None                     # (images, 1, 1, src): 0, or the dtype's minimum at padding
         self.self_pos_k: List[torch.Tensor] = []   # per position: (heads, head_dim)
@@ -69,9 +70,9 @@ class IncrementalDecoder:
         hidden, padding = encoder_out.last_hidden_state, encoder_out.padding_mask
         n_images = hidden.size(0)
         self.self_kv = [None] * len(dec.layers)
-        self.cross_kv = [(self._heads(layer.cross_attn.k_proj(hidden), n_images).contiguous(),
+        self.cross_kv = [(self._heads(layer.cross_attn.k_proj(hidden), n_images).transpose(2, 3).contiguous(),
                           self._heads(layer.cross_attn.v_proj(hidden), n_images).contiguous())
-                         for layer in dec.layers]
+                         for layer in dec.layers]  # the keys transposed once, not at every step
         self.cross_pos_k = self._heads(dec.cross_pos_k_linear(encoder_out.position_embedding), n_images).contiguous()
         self.cross_mask = None
         if padding is not None:  # as the stock generator's _expand_mask, for the new query row
@@ -143,8 +144,8 @@ class IncrementalDecoder:
         h = layer.cross_attn_layer_norm(x) if layer.normalize_before else x
         # the rows of one image as one block of queries against that image's keys: (images, heads, rows/image, hd)
         q = (attn.q_proj(h) * attn.scaling).view(n_images, self.rows_per_image, attn.num_heads, -1).transpose(1, 2)
-        k, v = self.cross_kv[idx]
-        w = torch.matmul(q, k.transpose(2, 3)) + bias                                   # (images, heads, r, src)
+        keys_t, v = self.cross_kv[idx]
+        w = torch.matmul(q, keys_t) + bias                                              # (images, heads, r, src)
         if self.cross_mask is not None:
             w = w + self.cross_mask
         out = torch.matmul(F.softmax(w, dim=-1), v).transpose(1, 2).reshape(h.size(0), 1, attn.num_heads,
