@@ -83,7 +83,7 @@ def test_same_hypotheses_as_the_stock_generator_when_sentences_finish_at_differe
     assert_same_hypotheses(hypotheses(fast, items[:7]), hypotheses(stock, items[:7]))
     assert packs  # the search asked for the packed weight
     if projection == 'packed':
-        assert fast.model.model.decoder.output_projection.__dict__['_packed_for_search'][1].is_mkldnn
+        assert fast.model.model.decoder.output_projection.__dict__['_packed_for_search'][-1].is_mkldnn
     eos = fast.model.tokenizer.eos_token_id
     fast, stock = captioners(model_dir, bias={eos: 0.0}, mask_image_tokens=False)
     for value in [0.1 * i for i in range(1, 30)]:  # the first bias at which the finishing steps differ
@@ -309,8 +309,9 @@ def test_the_folded_resnet_computes_what_the_model_does_and_follows_its_weights(
 
 
 def test_the_packed_projection_weight_is_kept_while_the_weight_is_unchanged_and_follows_it_when_it_changes():
-    """beam_search.packed_weight: one packing per weight version (a training step or a loaded checkpoint changes
-    it), the text rows only, and none for a weight without a version counter (made under inference_mode)."""
+    """beam_search.packed_weight: one packing per weight (a training step or a loaded checkpoint changes it, also
+    fused AdamW and .data writes, which leave the version counter as it was), the text rows only, and none for a
+    weight without a version counter (made under inference_mode)."""
     import torch
     import torch.nn.functional as F
 
@@ -334,6 +335,18 @@ def test_the_packed_projection_weight_is_kept_while_the_weight_is_unchanged_and_
         logits, _ = project(x, proj.weight[:40], None, None, None, 0.5, again)
     assert torch.allclose(logits, F.linear(x, proj.weight[:40]) / 0.5, rtol=1e-5, atol=1e-6)
     assert packed_weight(proj, 30) is not again  # other rows, another packing
+    # torch's fused AdamW (the trainer's optimizer) changes the weight without bumping its version counter
+    proj.weight.grad = torch.randn_like(proj.weight)
+    packed = packed_weight(proj, 40)
+    torch.optim.AdamW(proj.parameters(), lr=0.1, fused=True).step()
+    stepped = packed_weight(proj, 40)
+    assert stepped is not packed
+    with torch.inference_mode():
+        logits, _ = project(x, proj.weight[:40], None, None, None, 1.0, stepped)
+    assert torch.allclose(logits, F.linear(x, proj.weight[:40]), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        proj.weight.data[3] += 1.0  # a write through .data: no version bump either
+    assert packed_weight(proj, 40) is not stepped
     with torch.inference_mode():
         made_there = torch.nn.Linear(16, 50, bias=False)
     assert packed_weight(made_there, 40) is None

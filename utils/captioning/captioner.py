@@ -133,8 +133,12 @@ class Captioner:
         """The image backbone captioning runs: ModelScope's ResNet with each BatchNorm folded into the convolution
         before it (in eval mode a BatchNorm is a per-channel affine map, so the folded convolution computes the same
         function up to float rounding, with one pass over every feature map less), channels-last. A copy, built
-        from the model's current weights and built again when they change (a checkpoint loaded, a training step):
-        the model itself, its state dict and its checkpoints are untouched. Any other backbone runs as it is."""
+        from the model's current weights and built again when their version counters change (a checkpoint loaded
+        with ``load_state_dict``): the model itself, its state dict and its checkpoints are untouched. Only a model the
+        captioner loaded itself is folded, which nothing trains (validation captions the live model unfolded; torch's
+        fused AdamW and ``.data`` writes change a weight without bumping its counter, which is why the projection's
+        packing, :func:`utils.patches.beam_search.packed_weight`, compares the weight itself). Any other backbone runs
+        as it is."""
         from utils.patches.generation import fold_batch_norms
         source = self.model.model.encoder.embed_images
         tensors = [*source.parameters(), *source.buffers()]
