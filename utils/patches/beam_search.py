@@ -202,9 +202,9 @@ def packed_weight(proj: torch.nn.Module, rows: int) -> Optional[torch.Tensor]:
     """oneDNN's pre-packed copy of ``proj.weight[:rows]`` for :func:`project`, or None where it does not apply (not
     an fp32 weight on the CPU, a torch without oneDNN, or a weight made under ``inference_mode``). Kept on the module
     (not in its state dict) with a plain copy of those rows, and packed again when the weight differs from that copy (a
-    checkpoint loaded, a training step between two validations). The weight's version counter alone does not tell:
-    torch's fused AdamW (the trainer's optimizer) and writes through ``.data`` change a weight without bumping it, so
-    the rows are compared with the copy at every call (``torch.equal``, ~6 ms at OFA-tiny size, ~0.4 ms a caption at
+    checkpoint loaded, a training step between two validations). The weight's version counter does not tell: torch's
+    fused AdamW (the trainer's optimizer) and writes through ``.data`` change a weight without bumping it, so the rows
+    are compared with the copy at every call (``torch.equal``, ~6 ms at OFA-tiny size, ~0.4 ms a caption at
     batch 16; packing them takes ~25 ms, and a stale packing would caption with old weights)."""
     weight = proj.weight
     if (weight.device.type != 'cpu' or weight.dtype != torch.float32 or weight.is_inference()
@@ -212,13 +212,12 @@ def packed_weight(proj: torch.nn.Module, rows: int) -> Optional[torch.Tensor]:
             or not hasattr(torch.ops.mkldnn, '_reorder_linear_weight')):
         return None
     current = weight.detach()[:rows]
-    key = (weight.data_ptr(), weight._version, rows)
-    kept = proj.__dict__.get('_packed_for_search')
-    if kept is None or kept[0] != key or not torch.equal(current, kept[1]):
-        copy = current.contiguous().clone()
-        kept = (key, copy, torch.ops.mkldnn._reorder_linear_weight(copy))
+    kept = proj.__dict__.get('_packed_for_search')  # (the rows it was packed from, the packing)
+    if kept is None or not torch.equal(current, kept[0]):  # (other rows: another shape, not equal)
+        copy = current.clone(memory_format=torch.contiguous_format)
+        kept = (copy, torch.ops.mkldnn._reorder_linear_weight(copy))
         proj.__dict__['_packed_for_search'] = kept
-    return kept[2]
+    return kept[1]
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: Optional[torch.Tensor],
